@@ -1,0 +1,258 @@
+"""Plain data shared by every layer: processes, jobs, verdicts, decisions, the policy.
+
+Nothing here reads the world or changes it. Every record is frozen: a sweep works on one
+immutable picture of the node, and anything that acts re-checks the world itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+# The hard rail: uids below this are always `system`, whatever a policy says.
+UID_RAIL = 99
+
+
+class ProcClass(StrEnum):
+    SYSTEM = "system"
+    BATCH = "batch"
+    ADOPTED = "adopted"
+    WHITELISTED = "whitelisted"
+    STRAY = "stray"
+
+
+class Action(StrEnum):
+    KILL = "kill"
+    ADOPT = "adopt"
+    IGNORE = "ignore"
+
+
+class Result(StrEnum):
+    DONE = "done"  # the action happened (killed, adopted, removed)
+    WOULD = "would"  # dry-run / report-only: the action would have happened
+    GONE = "gone"  # the target vanished (or its pid was reused) before we acted
+    FAILED = "failed"  # we tried and could not
+    SKIPPED = "skipped"  # a rail, the brake or report-only mode held the action back
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ProcKey:
+    """A process identity that survives PID reuse: pid plus start time in clock ticks."""
+
+    pid: int
+    starttime: int
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    """One process as read from /proc in one pass.
+
+    `uid` is the real uid. The fast path takes it from the owner of /proc/PID (the
+    effective uid of a dumpable process) and reads /proc/PID/status whenever that owner is
+    root, so a non-dumpable or setuid user process can never pass as root; `uid_exact` says
+    whether status was read. Anything that acts re-reads status first.
+    """
+
+    pid: int
+    starttime: int
+    ppid: int
+    uid: int
+    comm: str
+    state: str  # one letter from /proc/PID/stat: R S D Z T t X I ...
+    kthread: bool = False
+    euid: int | None = None  # set when status was read
+    uid_exact: bool = False
+    exe: str | None = None  # readlink of /proc/PID/exe, when read and readable
+    cgroups: tuple[str, ...] = ()  # raw /proc/PID/cgroup lines, only in full reads
+    pgid: int = 0
+    sid: int = 0
+
+    @property
+    def key(self) -> ProcKey:
+        return ProcKey(self.pid, self.starttime)
+
+    @property
+    def zombie(self) -> bool:
+        return self.state in ("Z", "X", "x")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The whole process table at one moment (as near as /proc allows)."""
+
+    procs: Mapping[int, Proc]
+    taken_at: float  # time.time() when the walk started
+    boot_time: float  # epoch seconds of boot, to turn starttime ticks into dates
+    clk_tck: int
+    vanished: int = 0  # pids listed in /proc that were gone before we could read them
+    unreadable: tuple[str, ...] = ()  # what could not be read (e.g. exe as non-root)
+
+    def start_epoch(self, proc: Proc) -> float:
+        return self.boot_time + proc.starttime / self.clk_tck
+
+    def age(self, proc: Proc) -> float:
+        return self.taken_at - self.start_epoch(proc)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job known on this node."""
+
+    job_id: str
+    uid: int | None  # v2 Slurm paths carry no uid; filled from the processes when known
+    start: float  # epoch seconds: job start, or the mtime of its cgroup
+    source: str  # "slurm" or "statedir"
+    running: bool
+    cgroup_dirs: tuple[str, ...] = ()  # job-level cgroup directories (absolute paths)
+    extern_dirs: tuple[str, ...] = ()  # its step_extern directories, one per v1 controller
+    why_not_running: str = ""  # e.g. "no live slurmstepd in its cgroup"
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """Where a pid sits in the job cgroup tree."""
+
+    job_id: str
+    step: str | None  # "batch", "extern", "0", ...; None at job level or in the stepd's own
+    cgroup: str  # e.g. "freezer:/slurm_vm/uid_1007/job_9/step_batch"
+    stepd: bool = False  # the cgroup is the step's slurmstepd slot (v2 ".../slurm")
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What the node knows about jobs at one moment.
+
+    `problems` non-empty means the source could not be read or looks wrong; a sweep that
+    sees problems is report-only.
+    """
+
+    jobs: Mapping[str, Job]
+    membership: Mapping[int, Membership]
+    problems: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def running(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.running]
+
+    def running_for(self, uid: int) -> list[Job]:
+        return [j for j in self.jobs.values() if j.running and j.uid == uid]
+
+    def newest_for(self, uid: int) -> Job | None:
+        """The uid's newest running job: latest start, then highest numeric job id."""
+        jobs = self.running_for(uid)
+        if not jobs:
+            return None
+        return max(jobs, key=lambda j: (j.start, _job_sort_key(j.job_id)))
+
+
+def _job_sort_key(job_id: str) -> tuple[int, str]:
+    head = job_id.split("_")[0].split(".")[0]
+    return (int(head), job_id) if head.isdigit() else (-1, job_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One process's class and the evidence that decided it."""
+
+    cls: ProcClass
+    rule: str  # a stable dotted name, e.g. "batch.job_cgroup", "stray.ended_job"
+    reason: str  # one human sentence
+    job_id: str | None = None
+    decider: int | None = None  # pid of the ancestor that decided (daemon, sshd, ...)
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy says to do with one classified process."""
+
+    proc: Proc
+    verdict: Verdict
+    action: Action
+    reason: str
+    target_job: str | None = None  # the job to adopt into
+    held: str | None = None  # why the action is held back (rail, min_age, brake, report-only)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: Decision
+    result: Result
+    detail: str = ""
+    signalled: tuple[ProcKey, ...] = ()  # every process the action touched
+
+
+# ---------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True, slots=True)
+class SystemPolicy:
+    login_defs: bool = True  # SYS_UID_MIN..SYS_UID_MAX of /etc/login.defs
+    login_defs_path: str = "/etc/login.defs"
+    uid_ranges: tuple[tuple[int, int], ...] = ((60000, 64999), (65534, 65534))
+    users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WhitelistPolicy:
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    exe: tuple[str, ...] = ()
+    sshd: bool = True  # sshd sessions under a root-owned listener
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmSource:
+    cgroup_root: str = "/sys/fs/cgroup"
+    stepd: tuple[str, ...] = ("/usr/sbin/slurmstepd",)
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupPolicy:
+    enabled: bool = True
+    roots: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
+    job_dirs: tuple[str, ...] = ("/tmp/slurm-{job_id}", "/dev/shm/slurm-{job_id}")
+    job_container_base: str | None = None  # Slurm job_container/tmpfs BasePath
+    min_age: float = 3600.0  # seconds
+    loose_files: bool = True
+    max_listed: int = 20  # files named per audit record
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    dry_run: bool = True
+    stray_action: Action = Action.KILL
+    adopt_fallback: Action = Action.KILL
+    kill_grace: float = 10.0
+    max_kills_per_sweep: int = 50
+    min_age: float = 10.0
+    job_sources: tuple[str, ...] = ("slurm",)
+    slurm: SlurmSource = field(default_factory=SlurmSource)
+    state_dir: str = "/var/lib/pruned"
+    batch_daemons: tuple[str, ...] = (
+        "/usr/sbin/slurmstepd",
+        "/usr/sbin/pbs_mom",
+        "/usr/sbin/condor_starter",
+        "/usr/lib/gridengine/sge_shepherd",
+    )
+    sshd_paths: tuple[str, ...] = (
+        "/usr/sbin/sshd",
+        "/usr/lib/openssh/sshd-session",
+        "/usr/libexec/openssh/sshd-session",
+    )
+    system: SystemPolicy = field(default_factory=SystemPolicy)
+    whitelist: WhitelistPolicy = field(default_factory=WhitelistPolicy)
+    cleanup: CleanupPolicy = field(default_factory=CleanupPolicy)
+    sweep_interval: float = 60.0
+    clean_interval: float = 600.0
+    jobs_interval: float = 30.0
+    events: bool = True
+    audit_fallback: str | None = None  # None: decided by where pruned runs
+    metrics_textfile: str | None = None
+    sources: tuple[str, ...] = ()  # the files this policy was loaded from
