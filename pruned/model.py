@@ -177,7 +177,8 @@ class Decision:
     action: Action
     reason: str
     target_job: str | None = None  # the job to adopt into
-    held: str | None = None  # why the action is held back (rail, min_age, brake, report-only)
+    held: str | None = None  # why the action is held back, as a sentence
+    held_by: str | None = None  # which guard held it: rail, young, scope, report_only, brake
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,7 @@ class Outcome:
     result: Result
     detail: str = ""
     signalled: tuple[ProcKey, ...] = ()  # every process the action touched
+    fields: tuple[tuple[str, str], ...] = ()  # extra PRUNED_* audit fields from the action
 
 
 # ---------------------------------------------------------------- policy

@@ -1,0 +1,143 @@
+"""One file sweep: learn which jobs ended, plan the cleanup (pure), carry it out, audit it."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import procfs
+from .audit import AuditRecord, AuditSink, event_record, files_record
+from .cleanup import CleanupPlan, plan_cleanup
+from .config import NodeFacts
+from .fswalk import CleanupOutcome, container_nodes, execute_cleanup
+from .jobs import read_jobs
+from .model import JobView, Policy, Result
+from .state import JobHistory
+from .sweep import make_sources, new_sweep_id
+from .users import user_name
+
+
+def file_outcome_record(
+    fo: CleanupOutcome, sweep_id: str, dry_run: bool, rule: str, reason: str
+) -> AuditRecord:
+    """The audit record of one removed (or would-remove) directory or root's loose files."""
+    detail = "; ".join(x for x in (fo.detail, *fo.errors[:3]) if x)
+    return files_record(
+        sweep_id,
+        path=fo.path,
+        files=fo.files + fo.dirs,
+        nbytes=fo.bytes,
+        dry_run=dry_run,
+        reason=reason + (f"; {detail}" if detail else ""),
+        rule=rule,
+        uid=fo.uid,
+        user=user_name(fo.uid),
+        job_id=fo.job_id,
+        failed=len(fo.errors),
+        names=fo.listed,
+    )
+
+
+def learn_jobs(history: JobHistory, jobs: JobView, now: float) -> list[str]:
+    """Record running jobs; jobs seen running before and gone now have ended. Their ids."""
+    if jobs.problems:
+        return []  # a blind job source must not make every known job look ended
+    return [r.job_id for r in history.observe(jobs, now)]
+
+
+@dataclass(slots=True)
+class CleanReport:
+    sweep_id: str
+    dry_run: bool
+    plan: CleanupPlan
+    outcomes: list[CleanupOutcome] = field(default_factory=list)
+    report_only: str | None = None
+    newly_ended: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CleanupOutcome]:
+        return [o for o in self.outcomes if o.result is Result.FAILED]
+
+    def lines(self) -> list[str]:
+        out = []
+        for o in self.outcomes:
+            what = f"job {o.job_id} dir" if o.kind == "job_dir" else f"uid {o.uid} files in"
+            line = f"{o.result.value:<7} {what} {o.path}: {o.files} files, {o.dirs} dirs, "
+            line += f"{o.bytes} bytes"
+            if o.skipped:
+                line += f"; kept {len(o.skipped)}: {', '.join(o.skipped[:3])}"
+            if o.errors:
+                line += f"; errors: {', '.join(o.errors[:3])}"
+            if o.detail:
+                line += f"; {o.detail}"
+            out.append(line)
+        for h in self.plan.held:
+            out.append(f"held    {h}")
+        mode = "dry-run" if self.dry_run else "enforce"
+        tail = f"; REPORT-ONLY: {self.report_only}" if self.report_only else ""
+        out.append(
+            f"clean {self.sweep_id} ({mode}): {len(self.plan.job_dirs)} job dirs, "
+            f"{len(self.plan.loose)} uids with loose files, {len(self.failed)} failed{tail}"
+        )
+        return out
+
+
+def run_clean(
+    policy: Policy,
+    facts: NodeFacts,
+    sink: AuditSink,
+    *,
+    dry_run: bool | None = None,
+    history: JobHistory | None = None,
+    proc_root: str = "/proc",
+) -> CleanReport:
+    """Plan and carry out one file cleanup; report-only while the job source is in doubt."""
+    dry = policy.dry_run if dry_run is None else dry_run
+    now = time.time()
+    sweep_id = new_sweep_id()
+    snap = procfs.snapshot(proc_root)
+    jobs = read_jobs(make_sources(policy))
+    hist = history if history is not None else JobHistory.load(policy.state_dir)
+    ended_now = learn_jobs(hist, jobs, now)
+    if not dry and os.geteuid() == 0:
+        hist.save()
+    report_only = "; ".join(jobs.problems) or None
+    live_uids = {p.uid for p in snap.procs.values() if not p.zombie}
+    base = policy.cleanup.job_container_base
+    plan = plan_cleanup(
+        policy.cleanup,
+        jobs.running(),
+        hist.ended(),
+        live_uids,
+        facts.system_ranges,
+        now,
+        container_nodes(base) if base else (),
+    )
+    acting_dry = dry or report_only is not None
+    outcomes = execute_cleanup(plan, acting_dry)
+    report = CleanReport(sweep_id, acting_dry, plan, outcomes, report_only, ended_now)
+    for o in outcomes:
+        if o.result is Result.GONE:
+            continue
+        if o.kind == "job_dir":
+            rule, reason = "cleanup.job_dir", f"job {o.job_id} ended"
+        else:
+            rule, reason = "cleanup.loose_files", f"uid {o.uid} has no job and no process"
+        sink.emit(file_outcome_record(o, sweep_id, acting_dry, rule, reason))
+    if report_only:
+        sink.emit(event_record("report_only", f"file sweep {sweep_id} is report-only: "
+                               f"{report_only}", sweep_id=sweep_id, reason=report_only))
+    removed = sum(o.files + o.dirs for o in outcomes if o.result is Result.DONE)
+    sink.emit(
+        event_record(
+            "sweep_summary",
+            report.lines()[-1] + f"; {removed} entries removed",
+            sweep_id=sweep_id,
+            kind="files",
+            dry_run="yes" if acting_dry else "no",
+            files=removed,
+            bytes=sum(o.bytes for o in outcomes if o.result is Result.DONE),
+        )
+    )
+    return report

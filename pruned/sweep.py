@@ -1,0 +1,370 @@
+"""One sweep: observe the node, decide, act, audit. Where the layers meet.
+
+Order matters: the /proc snapshot is taken *before* the job cgroups are read. A process
+can only enter a job cgroup (slurmstepd placing a task, pam_slurm_adopt adopting a login),
+never leave one on its own, so reading membership second means every snapshot process that
+belongs to a job is seen in it. The reverse order would miss a login adopted in between and
+call it a stray.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from . import actions, procfs
+from .audit import AuditSink, event_record, record_for_outcome, summary_record, tally
+from .classify import classify
+from .config import NodeFacts
+from .decide import SweepPlan, decide
+from .jobs import JobSource, SlurmCgroupSource, StateDirSource, parse_slurm_cgroup_path, read_jobs
+from .model import (
+    Action,
+    Decision,
+    JobView,
+    Outcome,
+    Policy,
+    Proc,
+    ProcKey,
+    Result,
+    Snapshot,
+    Verdict,
+)
+from .users import user_name
+
+
+def make_sources(policy: Policy) -> list[JobSource]:
+    """The job sources the policy names, in its order."""
+    out: list[JobSource] = []
+    for name in policy.job_sources:
+        if name == "slurm":
+            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd))
+        elif name == "statedir":
+            out.append(StateDirSource(policy.state_dir))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    snap: Snapshot
+    jobs: JobView
+    verdicts: dict[int, Verdict]
+    plan: SweepPlan
+
+
+def observe(
+    policy: Policy,
+    facts: NodeFacts,
+    *,
+    uids: Collection[int] | None = None,
+    sources: Sequence[JobSource] | None = None,
+    proc_root: str = "/proc",
+) -> Observation:
+    """Read the node and decide, without acting: what scan, explain and every sweep start with."""
+    snap = procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe))
+    jobs = read_jobs(make_sources(policy) if sources is None else sources)
+    verdicts = classify(snap, jobs, policy, facts)
+    plan = decide(
+        snap,
+        verdicts,
+        jobs,
+        policy,
+        protected=actions.protected_pids(proc_root),
+        uids=uids,
+    )
+    return Observation(snap, jobs, verdicts, plan)
+
+
+# ---------------------------------------------------------------- acting
+
+
+def reverify(
+    d: Decision, jobs: JobView, proc_root: str = "/proc", allow_job: str | None = None
+) -> tuple[Result, str] | None:
+    """Re-read one target just before acting; a reason not to act, or None to go ahead.
+
+    The snapshot may be a few hundred ms old: the process may be gone, its pid reused, its
+    uid changed, or it may have been adopted into a running job since.
+    """
+    fresh = procfs.read_proc(d.proc.pid, proc_root)
+    if fresh is None or fresh.starttime != d.proc.starttime:
+        return Result.GONE, "gone (or pid reused) before acting"
+    if fresh.zombie:
+        return Result.GONE, "exited before acting"
+    if fresh.uid != d.proc.uid:
+        return Result.SKIPPED, f"real uid changed to {fresh.uid} since the snapshot: not acted on"
+    for line in fresh.cgroups:
+        sp = parse_slurm_cgroup_path(line)
+        if sp is None:
+            continue
+        job = jobs.jobs.get(sp.job_id)
+        if sp.job_id != allow_job and (job is None or job.running):
+            return Result.SKIPPED, f"now in job {sp.job_id}'s cgroup ({line}): not acted on"
+    return None
+
+
+def _descendants(roots: Sequence[Proc], snap: Snapshot, members: set[int]) -> dict[int, list[int]]:
+    """For each root, its descendants among `members` (the other strays acted on the same way)."""
+    children: dict[int, list[int]] = {}
+    for p in snap.procs.values():
+        if p.pid in members:
+            children.setdefault(p.ppid, []).append(p.pid)
+    out: dict[int, list[int]] = {}
+    for r in roots:
+        acc: list[int] = []
+        stack = list(children.get(r.pid, ()))
+        while stack:
+            pid = stack.pop()
+            acc.append(pid)
+            stack.extend(children.get(pid, ()))
+        out[r.pid] = acc
+    return out
+
+
+def execute(
+    plan: SweepPlan,
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    *,
+    dry_run: bool,
+    proc_root: str = "/proc",
+    allow_job: str | None = None,
+) -> list[Outcome]:
+    """Carry out the plan: one Outcome per reported decision, acted or not.
+
+    `allow_job`: the epilog's own job, whose cgroup members it may kill.
+    """
+    outcomes: list[Outcome] = []
+    todo: list[Decision] = []
+    for d in plan.reported():
+        if d.held is not None:
+            outcomes.append(Outcome(d, Result.SKIPPED, d.held))
+            continue
+        why = None if dry_run else reverify(d, jobs, proc_root, allow_job)
+        if why is not None:
+            outcomes.append(Outcome(d, why[0], why[1]))
+            continue
+        todo.append(d)
+
+    # Group by (action, target job): a tree is acted on as one, rooted at its topmost member.
+    groups: dict[tuple[Action, str | None, int], list[Decision]] = {}
+    for d in todo:
+        groups.setdefault((d.action, d.target_job, d.proc.uid), []).append(d)
+    for (action, target, uid), ds in groups.items():
+        by_pid = {d.proc.pid: d for d in ds}
+        roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
+        desc = _descendants(roots, snap, set(by_pid))
+        if action is Action.KILL:
+            outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root)
+        elif action is Action.ADOPT:
+            outcomes += _adopt(roots, desc, by_pid, jobs, target, dry_run, proc_root)
+    return outcomes
+
+
+def _per_process(
+    roots: Sequence[Proc],
+    desc: dict[int, list[int]],
+    by_pid: dict[int, Decision],
+    result_of,
+) -> list[Outcome]:
+    out: list[Outcome] = []
+    for r in roots:
+        res, detail, touched, fields = result_of(r)
+        for pid in (r.pid, *desc[r.pid]):
+            d = by_pid[pid]
+            out.append(Outcome(d, res(d.proc.key), detail, touched, fields))
+    return out
+
+
+def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
+    trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
+    try:
+        results = actions.kill_many(
+            trees, grace=policy.kill_grace, dry_run=dry_run, uid=uid, proc_root=proc_root
+        )
+    except ValueError as e:  # the last-line guard in actions refused
+        return [Outcome(by_pid[p], Result.FAILED, f"refused: {e}") for p in by_pid]
+    # A tree that survived SIGKILL is forking faster than we signal: freeze it and kill again.
+    final = []
+    for r, res in zip(roots, results, strict=True):
+        if not dry_run and res.survivors:
+            res = actions.freeze_and_kill(
+                r.key,
+                list(res.survivors),
+                uid=uid,
+                dry_run=False,
+                cgroup_root=policy.slurm.cgroup_root,
+                proc_root=proc_root,
+            )
+        final.append(res)
+    by_root = {r.pid: res for r, res in zip(roots, final, strict=True)}
+
+    def result_of(r: Proc):
+        res = by_root[r.pid]
+        signalled = set(res.signalled)
+        gone = set(res.gone_before)
+        survivors = set(res.survivors)
+
+        def res_of(key: ProcKey) -> Result:
+            if dry_run:
+                return Result.WOULD
+            if key in survivors:
+                return Result.FAILED
+            if key in signalled:
+                return Result.DONE
+            if key in gone:
+                return Result.GONE
+            return Result.DONE if res.ok else Result.FAILED
+
+        fields = tuple(res.audit_fields().items())
+        return res_of, res.describe(), tuple(res.signalled or res.would), fields
+
+    return _per_process(roots, desc, by_pid, result_of)
+
+
+def _adopt(roots, desc, by_pid, jobs, target, dry_run, proc_root) -> list[Outcome]:
+    job = jobs.jobs.get(target) if target else None
+    if job is None or not job.extern_dirs:
+        why = f"job {target} has no extern step cgroup to adopt into"
+        return [Outcome(d, Result.FAILED, why) for d in by_pid.values()]
+    results = {}
+    for r in roots:
+        keys = [by_pid[p].proc.key for p in desc[r.pid]]
+        try:
+            results[r.pid] = actions.adopt(
+                r.key, keys, job.extern_dirs, dry_run=dry_run, proc_root=proc_root
+            )
+        except ValueError as e:
+            results[r.pid] = e
+
+    def result_of(r: Proc):
+        res = results[r.pid]
+        if isinstance(res, ValueError):
+            return (lambda _k: Result.FAILED), f"refused: {res}", (), ()
+        moved, gone, failed = set(res.moved), set(res.gone), set(res.failed)
+
+        def res_of(key: ProcKey) -> Result:
+            if dry_run:
+                return Result.WOULD
+            if key in moved:
+                return Result.DONE
+            if key in gone:
+                return Result.GONE
+            if key in failed:
+                return Result.FAILED
+            return Result.DONE if res.ok else Result.FAILED
+
+        fields = tuple(res.audit_fields().items())
+        return res_of, res.describe(), tuple(res.moved or res.would), fields
+
+    return _per_process(roots, desc, by_pid, result_of)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass(slots=True)
+class SweepReport:
+    sweep_id: str
+    started: float
+    duration: float
+    dry_run: bool
+    observation: Observation
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def by_class(self) -> Counter[str]:
+        return Counter(v.cls.value for v in self.observation.verdicts.values())
+
+    @property
+    def by_action_result(self) -> Counter[tuple[str, str]]:
+        return Counter((o.decision.action.value, o.result.value) for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.result is Result.FAILED]
+
+    def summary(self) -> str:
+        """One line: what STATUS= and the summary record say."""
+        plan = self.observation.plan
+        cls = ", ".join(f"{n} {c}" for c, n in sorted(self.by_class.items()))
+        acts = ", ".join(f"{a} {r}: {n}" for (a, r), n in sorted(self.by_action_result.items()))
+        mode = "dry-run" if self.dry_run else "enforce"
+        extra = ""
+        if plan.report_only:
+            extra += "; REPORT-ONLY: " + "; ".join(plan.report_only)
+        if plan.brake:
+            extra += "; BRAKE: " + plan.brake
+        return (
+            f"sweep {self.sweep_id} ({mode}) {self.duration * 1000:.0f} ms: "
+            f"{len(self.observation.snap.procs)} processes ({cls}); "
+            f"{acts or 'no action'}{extra}"
+        )
+
+
+def new_sweep_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def run_sweep(
+    policy: Policy,
+    facts: NodeFacts,
+    sink: AuditSink,
+    *,
+    dry_run: bool | None = None,
+    uids: Collection[int] | None = None,
+    sources: Sequence[JobSource] | None = None,
+    proc_root: str = "/proc",
+) -> SweepReport:
+    """Observe, decide, act (or would), and write one audit record per decision + a summary."""
+    dry = policy.dry_run if dry_run is None else dry_run
+    t0 = time.monotonic()
+    started = time.time()
+    sweep_id = new_sweep_id()
+    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root)
+    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root)
+    report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
+    audit_sweep(report, sink)
+    return report
+
+
+def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
+    """One record per reported outcome, the brake and report-only warnings, one summary."""
+    obs, sid, dry = report.observation, report.sweep_id, report.dry_run
+    records = [
+        record_for_outcome(
+            o,
+            sid,
+            dry,
+            user_name(o.decision.proc.uid),
+            boot_time=obs.snap.boot_time,
+            clk_tck=obs.snap.clk_tck,
+            extra=dict(o.fields),
+        )
+        for o in report.outcomes
+    ]
+    for r in records:
+        sink.emit(r)
+    if obs.plan.brake:
+        sink.emit(event_record("brake_tripped", obs.plan.brake, sweep_id=sid,
+                               dry_run="yes" if dry else "no"))
+    report_only = "; ".join(obs.plan.report_only) or None
+    if report_only:
+        sink.emit(event_record("report_only", f"sweep {sid} is report-only: {report_only}",
+                               sweep_id=sid, reason=report_only))
+    sink.emit(
+        summary_record(
+            sid,
+            dry_run=dry,
+            procs=len(obs.snap.procs),
+            jobs=len(obs.jobs.running()),
+            counts=tally(records),
+            elapsed=report.duration,
+            report_only=report_only,
+        )
+    )
+

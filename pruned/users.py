@@ -1,0 +1,20 @@
+"""uid <-> user name, cached: NSS lookups (LDAP on many clusters) are slow and sweeps repeat."""
+
+from __future__ import annotations
+
+import pwd
+from functools import lru_cache
+
+
+@lru_cache(maxsize=4096)
+def user_name(uid: int) -> str | None:
+    """The login name of uid, or None when the uid has no passwd entry."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def user_label(uid: int) -> str:
+    """The login name, or the uid as text when it has none (for tables and messages)."""
+    return user_name(uid) or str(uid)
