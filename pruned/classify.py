@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
+from .jobs import exe_paths
 from .model import UID_RAIL, JobView, Membership, Policy, Proc, ProcClass, Snapshot, Verdict
 
 DELETED = " (deleted)"  # readlink of /proc/PID/exe after the binary was replaced on disk
@@ -60,9 +61,9 @@ class _Classifier:
         self.jobs = jobs
         self.policy = policy
         self.facts = facts
-        self.daemons = frozenset(policy.batch_daemons) | frozenset(policy.slurm.stepd)
-        self.sshd = frozenset(policy.sshd_paths)
-        self.wl_exe = frozenset(policy.whitelist.exe)
+        self.daemons = exe_paths((*policy.batch_daemons, *policy.slurm.stepd))
+        self.sshd = exe_paths(policy.sshd_paths)
+        self.wl_exe = exe_paths(policy.whitelist.exe)
         # memo: pid -> pid of the nearest genuine batch-daemon ancestor (or None)
         self._daemon_anc: dict[int, int | None] = {}
         self._sshd_anc: dict[int, int | None] = {}

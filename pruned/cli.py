@@ -289,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .service import run_daemon
 
     _need_root("the daemon")
-    return run_daemon(args.policy or default_policy_path())
+    return run_daemon(args.policy or default_policy_path(), uids=args.uids)
 
 
 def _job_args(args: argparse.Namespace) -> tuple[str, int, str | None]:
@@ -376,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="the daemon (systemd Type=notify service)")
     policy_opt(sp)
+    sp.add_argument("--uid", dest="uids", type=_uid_arg, nargs="+", action="extend",
+                    metavar="UID", help="act only on these uids (staged roll-out, tests)")
     sp.set_defaults(fn=cmd_run)
 
     for name, fn, what in (("prolog", cmd_prolog, "record a job start"),

@@ -11,6 +11,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from .classify import exe_in, is_genuine_root
+from .jobs import exe_paths
 from .model import UID_RAIL, Action, Decision, JobView, Policy, Proc, ProcClass, Snapshot, Verdict
 
 
@@ -44,7 +45,8 @@ def rail(proc: Proc, policy: Policy, protected: Collection[int]) -> str | None:
         return "rail: pruned itself or one of its ancestors"
     # Only a root-owned daemon is protected by its path: a user can run (or LD_PRELOAD into)
     # a copy of /usr/sbin/slurmstepd, and that must not make their process untouchable.
-    if is_genuine_root(proc) and exe_in(proc, (*policy.batch_daemons, *policy.slurm.stepd)):
+    if is_genuine_root(proc) and exe_in(proc, exe_paths((*policy.batch_daemons,
+                                                         *policy.slurm.stepd))):
         return f"rail: batch daemon executable {proc.exe}"
     if proc.zombie:
         return "zombie: already dead, waiting to be reaped"
@@ -118,15 +120,20 @@ def decide(
             for d in out
         ]
 
-    brake = None
-    kills = [d for d in out if d.action is Action.KILL and d.held is None]
-    if len(kills) > policy.max_kills_per_sweep:
-        brake = (
-            f"mass-kill brake: {len(kills)} kills in one sweep exceed "
-            f"max_kills_per_sweep={policy.max_kills_per_sweep}; nothing was killed"
-        )
-        out = [
-            _held(d, brake, "brake") if d.action is Action.KILL and d.held is None else d
-            for d in out
-        ]
-    return SweepPlan(tuple(out), report_only, brake)
+    return apply_brake(SweepPlan(tuple(out), report_only, None), policy)
+
+
+def apply_brake(plan: SweepPlan, policy: Policy) -> SweepPlan:
+    """The mass-kill brake: more kills than max_kills_per_sweep means none at all."""
+    kills = [d for d in plan.decisions if d.action is Action.KILL and d.held is None]
+    if len(kills) <= policy.max_kills_per_sweep:
+        return plan
+    brake = (
+        f"mass-kill brake: {len(kills)} kills in one sweep exceed "
+        f"max_kills_per_sweep={policy.max_kills_per_sweep}; nothing was killed"
+    )
+    held = tuple(
+        _held(d, brake, "brake") if d.action is Action.KILL and d.held is None else d
+        for d in plan.decisions
+    )
+    return SweepPlan(held, plan.report_only, brake)

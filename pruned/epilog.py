@@ -134,7 +134,7 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
     sweep_id = f"epilog-{job_id}-{new_sweep_id()[:6]}"
     t0 = time.monotonic()
     obs = observe(policy, facts, proc_root=proc_root)
-    decisions, last, why = epilog_targets(
+    decisions, _last, why = epilog_targets(
         obs,
         policy,
         job_id,

@@ -6,6 +6,7 @@ file would be read as garbage, so the file is written beside its target and rena
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -78,8 +79,6 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
             os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise

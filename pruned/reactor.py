@@ -1,0 +1,204 @@
+"""The event path: re-judge just the processes the kernel told us about.
+
+The proc connector's watcher thread must never block (a fork storm would overflow its
+socket), so it only queues pids here; one worker thread reads those processes and their
+ancestors from /proc, classifies them with the same pure rules as a sweep, and acts through
+the same rails, pidfd kill and audit. Processes younger than min_age are re-checked when
+they come of age. The periodic sweep stays the safety net for anything missed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
+
+from . import actions, procfs
+from .classify import classify
+from .decide import SweepPlan, apply_brake, decide
+from .jobs import parse_slurm_cgroup_path
+from .model import JobView, Membership, Policy, Proc, Snapshot
+from .sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id
+
+MAX_ANCESTRY = 256
+
+
+def mini_snapshot(pids: Iterable[int], proc_root: str = "/proc") -> Snapshot:
+    """Full reads of pids and all their ancestors: enough to classify the pids themselves."""
+    procs: dict[int, Proc] = {}
+    todo = [p for p in pids if p > 0]
+    vanished = 0
+    budget = MAX_ANCESTRY * max(1, len(todo))
+    while todo and budget > 0:
+        budget -= 1
+        pid = todo.pop()
+        if pid in procs:
+            continue
+        p = procfs.read_proc(pid, proc_root)
+        if p is None:
+            vanished += 1
+            continue
+        procs[pid] = p
+        if p.ppid > 0 and p.ppid not in procs:
+            todo.append(p.ppid)
+    return Snapshot(
+        procs=procs,
+        taken_at=time.time(),
+        boot_time=procfs.boot_time(proc_root),
+        clk_tck=os.sysconf("SC_CLK_TCK"),
+        vanished=vanished,
+    )
+
+
+def membership_from_cgroups(procs: Iterable[Proc]) -> dict[int, Membership]:
+    """Job membership from each process's own /proc/PID/cgroup lines (deepest step wins)."""
+    out: dict[int, Membership] = {}
+    for p in procs:
+        best: Membership | None = None
+        for line in p.cgroups:
+            sp = parse_slurm_cgroup_path(line)
+            if sp is None:
+                continue
+            m = Membership(sp.job_id, sp.step, line, sp.stepd)
+            if best is None or (best.step is None and m.step is not None):
+                best = m
+        if best is not None:
+            out[p.pid] = best
+    return out
+
+
+class Reactor:
+    """Queue of pids from the event watcher, judged and acted on by one worker thread."""
+
+    def __init__(
+        self,
+        get_context: Callable[[], tuple[Policy, object, object]],
+        get_jobs: Callable[[bool], JobView],
+        lock: threading.Lock,
+        *,
+        uids: Collection[int] | None = None,
+        proc_root: str = "/proc",
+        on_report: Callable[[SweepReport], None] | None = None,
+    ) -> None:
+        self.get_context = get_context  # -> (policy, facts, sink)
+        self.get_jobs = get_jobs  # get_jobs(fresh) -> JobView
+        self.lock = lock  # shared with the sweeps: never act twice at once
+        self.uids = uids
+        self.proc_root = proc_root
+        self.on_report = on_report
+        self.q: queue.SimpleQueue[tuple[set[int], set[int]] | None] = queue.SimpleQueue()
+        self.children: dict[int, set[int]] = {}
+        self.recheck: list[tuple[float, int]] = []  # (monotonic due time, pid)
+        self._thread: threading.Thread | None = None
+        self.handled = 0
+
+    # called from the watcher thread: never blocks
+    def on_pids(self, changed: set[int], exited: set[int]) -> None:
+        self.q.put((changed, exited))
+
+    def seed(self, snap: Snapshot) -> None:
+        """Parent -> children from a full snapshot, to find orphans when a parent exits."""
+        children: dict[int, set[int]] = {}
+        for p in snap.procs.values():
+            children.setdefault(p.ppid, set()).add(p.pid)
+        self.q.put(None)  # a marker: swap in the worker thread, no lock needed
+        self._seed = children
+
+    def start(self) -> Reactor:
+        self._seed: dict[int, set[int]] | None = None
+        self._thread = threading.Thread(target=self._run, name="pruned-reactor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.q.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        self._stopping = False
+        while not self._stopping:
+            timeout = None
+            if self.recheck:
+                timeout = max(0.0, self.recheck[0][0] - time.monotonic())
+            try:
+                item = self.q.get(timeout=timeout)
+            except queue.Empty:
+                item = (set(), set())
+            if self._stopping:
+                break
+            pids: set[int] = set()
+            exited: set[int] = set()
+            items = [item]
+            while True:  # merge whatever else queued up meanwhile
+                try:
+                    items.append(self.q.get_nowait())
+                except queue.Empty:
+                    break
+            for it in items:
+                if it is None:
+                    if self._seed is not None:
+                        self.children, self._seed = self._seed, None
+                    continue
+                pids |= it[0]
+                exited |= it[1]
+            for pid in exited:
+                pids |= self.children.pop(pid, set())
+                pids.discard(pid)
+            now = time.monotonic()
+            while self.recheck and self.recheck[0][0] <= now:
+                pids.add(heapq.heappop(self.recheck)[1])
+            if pids:
+                try:
+                    self.handle(pids)
+                except Exception as e:  # keep the worker alive; the sweep is the safety net
+                    print(f"pruned: event handling failed: {type(e).__name__}: {e}",
+                          file=sys.stderr)
+
+    def handle(self, pids: set[int]) -> SweepReport | None:
+        """Classify and act on exactly these pids (ancestors are read, never acted on)."""
+        policy, facts, sink = self.get_context()
+        snap = mini_snapshot(pids, self.proc_root)
+        for p in snap.procs.values():
+            self.children.setdefault(p.ppid, set()).add(p.pid)
+        targets = {pid for pid in pids if pid in snap.procs}
+        if not targets:
+            return None
+        member = membership_from_cgroups(snap.procs.values())
+        # A job this view has not seen running may have just started: read the tree again
+        # rather than call its first processes strays.
+        jobs = self.get_jobs(False)
+        if any(m.job_id not in jobs.jobs or not jobs.jobs[m.job_id].running
+               for m in member.values()):
+            jobs = self.get_jobs(True)
+        view = replace(jobs, membership=member)
+        verdicts = classify(snap, view, policy, facts)
+        with self.lock:
+            full = decide(snap, verdicts, view, policy,
+                          protected=actions.protected_pids(self.proc_root), uids=self.uids)
+            mine = tuple(d for d in full.decisions if d.proc.pid in targets)
+            plan = SweepPlan(mine, full.report_only, None)
+            plan = apply_brake(plan, policy)
+            for d in mine:
+                if d.held_by == "young":
+                    due = time.monotonic() + max(0.05, policy.min_age - snap.age(d.proc)) + 0.05
+                    heapq.heappush(self.recheck, (due, d.proc.pid))
+            if not plan.reported():
+                return None
+            dry = policy.dry_run
+            t0 = time.monotonic()
+            outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root)
+            obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan)
+            report = SweepReport("event-" + new_sweep_id(), time.time(),
+                                 time.monotonic() - t0, dry, obs, outcomes)
+            audit_sweep(report, sink)
+        self.handled += len(outcomes)
+        if self.on_report is not None:
+            self.on_report(report)
+        return report

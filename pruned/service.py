@@ -1,0 +1,278 @@
+"""`pruned run`: the daemon behind systemd/pruned.service (Type=notify).
+
+- READY=1 only after the policy loaded and a dry-run self-check sweep succeeded.
+- WATCHDOG=1 only at the end of a completed process sweep, never from a timer: a hung
+  sweep must let systemd's watchdog fire.
+- STATUS= one line about the last sweep; STOPPING=1 on SIGTERM, then a clean exit.
+- SIGHUP reloads the policy; a bad one is rejected (config_rejected in the journal) and the
+  last good one stays.
+
+APScheduler runs the sweeps in worker threads (BackgroundScheduler); the main thread only
+waits for signals. Signal handlers just queue a token: nothing runs inside a handler that
+could meet the scheduler's own locks half-taken.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from . import events
+from .audit import AuditSink, event_record, make_sink
+from .config import NodeFacts, PolicyError, load_policy, resolve_facts
+from .exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
+from .filesweep import CleanReport, learn_jobs, run_clean
+from .jobs import read_jobs
+from .metrics import SweepMetrics, render, write_atomic
+from .model import JobView, Policy, Result
+from .reactor import Reactor
+from .state import JobHistory
+from .sweep import SweepReport, make_sources, observe, run_sweep
+
+
+def sd_notify(message: str) -> bool:
+    """Send one sd_notify datagram to $NOTIFY_SOCKET; False when there is none."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(message.encode(), path)
+        except OSError as e:
+            print(f"pruned: sd_notify failed: {e}", file=sys.stderr)
+            return False
+    return True
+
+
+def sweep_interval(policy: Policy, watchdog_usec: str | None) -> float:
+    """The process-sweep interval: the policy's, but at most half the watchdog timeout,
+    since WATCHDOG=1 comes only from completed sweeps."""
+    interval = policy.sweep_interval
+    if watchdog_usec and watchdog_usec.isdigit() and int(watchdog_usec) > 0:
+        interval = min(interval, int(watchdog_usec) / 1e6 / 2)
+    return interval
+
+
+class Daemon:
+    def __init__(self, policy_path: str, *, uids: Collection[int] | None = None) -> None:
+        self.policy_path = policy_path
+        self.uids = set(uids) if uids else None
+        self.policy: Policy = load_policy(policy_path)  # PolicyError -> exit 78 in run_daemon
+        self.facts: NodeFacts = resolve_facts(self.policy)
+        self.sink: AuditSink = make_sink(self.policy.audit_fallback)
+        self.tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.act_lock = threading.Lock()  # sweeps and event reactions never act at once
+        self.files_lock = threading.Lock()  # history: job refresh and file sweeps
+        self.history = JobHistory.load(self.policy.state_dir)
+        self.jobs_cache: JobView | None = None
+        self.sweeps: dict[str, SweepMetrics] = {}
+        self.totals: Counter[tuple[str, str]] = Counter()
+        self.scheduler: BackgroundScheduler | None = None
+        self.watcher: events.EventWatcher | None = None
+        self.reactor: Reactor | None = None
+        self.events_note = ""
+
+    # ------------------------------------------------------------ jobs
+
+    def context(self) -> tuple[Policy, NodeFacts, AuditSink]:
+        return self.policy, self.facts, self.sink
+
+    def jobs(self, fresh: bool) -> JobView:
+        if fresh or self.jobs_cache is None:
+            self.jobs_cache = read_jobs(make_sources(self.policy))
+        return self.jobs_cache
+
+    def refresh_jobs(self) -> None:
+        """Learn job starts and ends (the back-mapping from a file's uid to an ended job)."""
+        view = self.jobs(True)
+        with self.files_lock:
+            learn_jobs(self.history, view, time.time())
+            self.history.save()
+
+    # ------------------------------------------------------------ sweeps
+
+    def process_sweep(self) -> SweepReport:
+        policy, facts, sink = self.context()
+        with self.act_lock:
+            report = run_sweep(policy, facts, sink, uids=self.uids)
+        self.jobs_cache = report.observation.jobs
+        if self.reactor is not None:
+            self.reactor.seed(report.observation.snap)
+        plan = report.observation.plan
+        self.totals.update(report.by_action_result)
+        self.sweeps["process"] = SweepMetrics(
+            "process",
+            time.time(),
+            report.duration,
+            dict(report.by_class),
+            dict(report.by_action_result),
+            brake=plan.brake is not None,
+            report_only=bool(plan.report_only),
+        )
+        self.write_metrics()
+        # Only a sweep that completed may feed the watchdog.
+        sd_notify(f"WATCHDOG=1\nSTATUS={self.status(report)}")
+        return report
+
+    def status(self, report: SweepReport) -> str:
+        s = report.summary()
+        if self.events_note:
+            s += f"; {self.events_note}"
+        return s[:1000].replace("\n", " ")
+
+    def file_sweep(self) -> CleanReport:
+        policy, facts, sink = self.context()
+        with self.files_lock:
+            report = run_clean(policy, facts, sink, history=self.history)
+        done = [o for o in report.outcomes if o.result is Result.DONE]
+        self.sweeps["files"] = SweepMetrics(
+            "files",
+            time.time(),
+            0.0,
+            files_removed=sum(o.files for o in done),
+            bytes_removed=sum(o.bytes for o in done),
+        )
+        self.write_metrics()
+        return report
+
+    def write_metrics(self) -> None:
+        path = self.policy.metrics_textfile
+        if not path:
+            return
+        try:
+            write_atomic(path, render(self.sweeps, self.totals))
+        except OSError as e:
+            print(f"pruned: cannot write metrics {path}: {e.strerror}", file=sys.stderr)
+
+    def self_check(self) -> None:
+        """A dry-run observation of the whole node; raises if anything cannot be read."""
+        obs = observe(self.policy, self.facts, uids=self.uids)
+        if not obs.snap.procs:
+            raise RuntimeError("self-check: /proc shows no processes")
+
+    # ------------------------------------------------------------ events
+
+    def start_events(self) -> None:
+        if not self.policy.events:
+            self.events_note = "events off by policy: polling only"
+            return
+        why = events.probe()
+        if why is not None:
+            self.events_note = f"events unavailable ({why}): polling only"
+            self.sink.emit(event_record("resync", f"proc connector unavailable: {why}; "
+                                        "falling back to polling every sweep", reason=why))
+            return
+        self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids).start()
+        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost).start()
+        self.events_note = "events on"
+
+    def on_lost(self, reason: str) -> None:
+        """Events were lost: a full sweep right now catches whatever they would have shown."""
+        self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
+        if self.scheduler is not None:
+            self.scheduler.add_job(self.process_sweep, id="resync", replace_existing=True,
+                                   executor="sweeps", max_instances=1, coalesce=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def schedule(self) -> None:
+        p = self.policy
+        sched = self.scheduler
+        assert sched is not None
+        interval = sweep_interval(p, os.environ.get("WATCHDOG_USEC"))
+        common = {"max_instances": 1, "coalesce": True, "replace_existing": True,
+                  "misfire_grace_time": None}
+        sched.add_job(self.process_sweep, "interval", seconds=interval, id="sweep",
+                      executor="sweeps", **common)
+        sched.add_job(self.refresh_jobs, "interval", seconds=p.jobs_interval, id="jobs",
+                      executor="files", **common)
+        if p.cleanup.enabled:
+            sched.add_job(self.file_sweep, "interval", seconds=p.clean_interval, id="clean",
+                          executor="files", **common)
+        elif sched.get_job("clean"):
+            sched.remove_job("clean")
+
+    def reload(self) -> None:
+        try:
+            policy = load_policy(self.policy_path)
+        except PolicyError as e:
+            where = e.errors[0] if e.errors else self.policy_path
+            msg = (f"policy {self.policy_path} rejected, keeping the last good one: "
+                   + " | ".join(e.errors[:20]))
+            print(f"pruned: {msg}", file=sys.stderr)
+            self.sink.emit(event_record("config_rejected", msg, path=self.policy_path,
+                                        reason=where, errors=len(e.errors)))
+            sd_notify(f"STATUS=policy rejected ({where}); running with the last good one")
+            return
+        self.policy = policy
+        self.facts = resolve_facts(policy)
+        self.sink = make_sink(policy.audit_fallback)
+        mode = "report" if policy.dry_run else "enforce"
+        self.sink.emit(event_record("config_loaded", f"policy {self.policy_path} loaded "
+                                    f"(mode {mode})", path=self.policy_path))
+        self.schedule()
+
+    def run(self) -> int:
+        try:
+            self.self_check()
+        except Exception as e:
+            print(f"pruned: self-check failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EX_SOFTWARE
+        for sig, token in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"),
+                           (signal.SIGINT, "stop")):
+            signal.signal(sig, lambda _s, _f, t=token: self.tokens.put(t))
+        self.scheduler = BackgroundScheduler(
+            executors={"sweeps": ThreadPoolExecutor(1), "files": ThreadPoolExecutor(1)},
+            timezone="UTC",
+        )
+        self.schedule()
+        self.start_events()
+        mode = "report" if self.policy.dry_run else "enforce"
+        self.sink.emit(event_record("daemon_started", f"pruned started (mode {mode}, policy "
+                                    f"{self.policy_path}; {self.events_note})",
+                                    path=self.policy_path))
+        self.scheduler.start()
+        sd_notify(f"READY=1\nSTATUS=ready (mode {mode}); first sweep running")
+        # The first sweeps now, not one interval from now.
+        self.scheduler.add_job(self.process_sweep, id="first", executor="sweeps")
+        self.scheduler.add_job(self.refresh_jobs, id="first-jobs", executor="files")
+        while True:
+            token = self.tokens.get()
+            if token == "reload":
+                sd_notify("RELOADING=1")
+                self.reload()
+                sd_notify("READY=1")
+            elif token == "stop":
+                break
+        sd_notify("STOPPING=1\nSTATUS=stopping")
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.reactor is not None:
+            self.reactor.stop()
+        self.scheduler.shutdown(wait=True)
+        with self.files_lock:
+            self.history.save()
+        self.sink.emit(event_record("daemon_stopped", "pruned stopped"))
+        return EX_OK
+
+
+def run_daemon(policy_path: str, uids: Collection[int] | None = None) -> int:
+    try:
+        daemon = Daemon(policy_path, uids=uids)
+    except PolicyError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return EX_CONFIG
+    return daemon.run()
