@@ -420,5 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_SOFTWARE
 
 
+def prolog_main() -> int:
+    """`pruned-prolog`: for Slurm's Prolog= (a program path without arguments)."""
+    return main(["prolog", *sys.argv[1:]])
+
+
+def epilog_main() -> int:
+    """`pruned-epilog`: for Slurm's Epilog= (a program path without arguments)."""
+    return main(["epilog", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())

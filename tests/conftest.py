@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.users",
+    "tests.fixtures.cluster",
+    "tests.fixtures.tmpfs",
 ]

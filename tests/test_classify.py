@@ -31,7 +31,7 @@ class F:
 
 
 def P(pid, ppid, uid, comm, exe=None, *, exact=None, state="S", kthread=False, age=3600.0):
-    """A built process; root-owned ones carry an exact uid, as the snapshot reads status for them."""
+    """A built process; root-owned ones carry an exact uid (the snapshot reads their status)."""
     exact = (uid == 0) if exact is None else exact
     return Proc(
         pid=pid,
