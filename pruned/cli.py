@@ -322,10 +322,11 @@ def cmd_epilog(args: argparse.Namespace) -> int:
     from .epilog import run_epilog
 
     policy = load(args.policy)
-    if not args.dry_run:
+    dry = args.dry_run or policy.dry_run  # mode: report reports here too
+    if not dry:
         _need_root("epilog")
     job, uid, user = _job_args(args)
-    return run_epilog(policy, job, uid, user, dry_run=args.dry_run, sink=_sink(policy))
+    return run_epilog(policy, job, uid, user, dry_run=dry, sink=_sink(policy))
 
 
 # ---------------------------------------------------------------- main
