@@ -180,6 +180,31 @@ def _per_process(
     return out
 
 
+def _classifier(
+    dry_run: bool,
+    ok: bool,
+    *,
+    failed: Collection[ProcKey],
+    done: Collection[ProcKey],
+    gone: Collection[ProcKey],
+):
+    """key -> Result for one action's members; checked in this order, failure first."""
+    failed, done, gone = set(failed), set(done), set(gone)
+
+    def res_of(key: ProcKey) -> Result:
+        if dry_run:
+            return Result.WOULD
+        if key in failed:
+            return Result.FAILED
+        if key in done:
+            return Result.DONE
+        if key in gone:
+            return Result.GONE
+        return Result.DONE if ok else Result.FAILED
+
+    return res_of
+
+
 def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
     trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
     try:
@@ -205,21 +230,8 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
 
     def result_of(r: Proc):
         res = by_root[r.pid]
-        signalled = set(res.signalled)
-        gone = set(res.gone_before)
-        survivors = set(res.survivors)
-
-        def res_of(key: ProcKey) -> Result:
-            if dry_run:
-                return Result.WOULD
-            if key in survivors:
-                return Result.FAILED
-            if key in signalled:
-                return Result.DONE
-            if key in gone:
-                return Result.GONE
-            return Result.DONE if res.ok else Result.FAILED
-
+        res_of = _classifier(dry_run, res.ok, failed=res.survivors, done=res.signalled,
+                             gone=res.gone_before)
         fields = tuple(res.audit_fields().items())
         return res_of, res.describe(), tuple(res.signalled or res.would), fields
 
@@ -245,19 +257,7 @@ def _adopt(roots, desc, by_pid, jobs, target, dry_run, proc_root) -> list[Outcom
         res = results[r.pid]
         if isinstance(res, ValueError):
             return (lambda _k: Result.FAILED), f"refused: {res}", (), ()
-        moved, gone, failed = set(res.moved), set(res.gone), set(res.failed)
-
-        def res_of(key: ProcKey) -> Result:
-            if dry_run:
-                return Result.WOULD
-            if key in moved:
-                return Result.DONE
-            if key in gone:
-                return Result.GONE
-            if key in failed:
-                return Result.FAILED
-            return Result.DONE if res.ok else Result.FAILED
-
+        res_of = _classifier(dry_run, res.ok, failed=res.failed, done=res.moved, gone=res.gone)
         fields = tuple(res.audit_fields().items())
         return res_of, res.describe(), tuple(res.moved or res.would), fields
 
