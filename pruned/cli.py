@@ -294,7 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _job_args(args: argparse.Namespace) -> tuple[str, int, str | None]:
     job = args.job or os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
-    uid_text = args.uid if args.uid is not None else os.environ.get("SLURM_JOB_UID")
+    uid_text = args.uid if args.uid is not None else (os.environ.get("SLURM_JOB_UID") or None)
     user = args.user or os.environ.get("SLURM_JOB_USER")
     if not job:
         raise UsageError("no job id: pass --job or set SLURM_JOB_ID")
