@@ -42,7 +42,21 @@ def is_genuine_root(proc: Proc) -> bool:
 
 
 def in_ranges(uid: int, ranges: Iterable[tuple[int, int]]) -> bool:
-    return any(lo <= uid <= hi for lo, hi in ranges)
+    for lo, hi in ranges:  # noqa: SIM110 - a plain loop: runs once per process per sweep
+        if lo <= uid <= hi:
+            return True
+    return False
+
+
+# Verdicts that carry nothing process-specific are shared: classifying 20,000 processes
+# should not build 20,000 identical frozen records.
+_KERNEL = Verdict(ProcClass.SYSTEM, "system.kernel", "kernel thread: never touched")
+_INIT = Verdict(ProcClass.SYSTEM, "system.kernel", "init: never touched")
+_STRAY = Verdict(
+    ProcClass.STRAY,
+    "stray.default",
+    "no running job cgroup, no batch-daemon ancestor, not an ssh session, not whitelisted",
+)
 
 
 def classify(snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> dict[int, Verdict]:
@@ -67,6 +81,7 @@ class _Classifier:
         # memo: pid -> pid of the nearest genuine batch-daemon ancestor (or None)
         self._daemon_anc: dict[int, int | None] = {}
         self._sshd_anc: dict[int, int | None] = {}
+        self._uid_verdicts: dict[tuple[int, str], Verdict] = {}
 
     def run(self) -> dict[int, Verdict]:
         return {pid: self.verdict(p) for pid, p in self.procs.items()}
@@ -127,21 +142,24 @@ class _Classifier:
 
     def _system(self, p: Proc) -> Verdict | None:
         if p.pid in (1, 2) or p.kthread or p.ppid == 2:
-            what = "init" if p.pid == 1 else "kernel thread"
-            return Verdict(ProcClass.SYSTEM, "system.kernel", f"{what}: never touched")
+            return _INIT if p.pid == 1 else _KERNEL
         if p.uid < UID_RAIL:
-            return Verdict(
-                ProcClass.SYSTEM,
-                "system.uid_rail",
-                f"uid {p.uid} < {UID_RAIL}: system rail no policy can lower",
-            )
+            return self._per_uid(p.uid, "system.uid_rail")
         if in_ranges(p.uid, self.facts.system_ranges):
-            return Verdict(
-                ProcClass.SYSTEM,
-                "system.service_account",
-                f"uid {p.uid} is a service account (policy system ranges/users)",
-            )
+            return self._per_uid(p.uid, "system.service_account")
         return None
+
+    def _per_uid(self, uid: int, rule: str) -> Verdict:
+        """One shared verdict per (uid, rule): built once per sweep, not once per process."""
+        v = self._uid_verdicts.get((uid, rule))
+        if v is None:
+            reason = (
+                f"uid {uid} < {UID_RAIL}: system rail no policy can lower"
+                if rule == "system.uid_rail"
+                else f"uid {uid} is a service account (policy system ranges/users)"
+            )
+            v = self._uid_verdicts[(uid, rule)] = Verdict(ProcClass.SYSTEM, rule, reason)
+        return v
 
     def _job_evidence(self, member: Membership) -> tuple[str, ...]:
         job = self.jobs.jobs.get(member.job_id)
@@ -230,12 +248,7 @@ class _Classifier:
                 job_id=member.job_id,
                 evidence=self._job_evidence(member),
             )
-        return Verdict(
-            ProcClass.STRAY,
-            "stray.default",
-            "no running job cgroup, no batch-daemon ancestor, not an ssh session, not whitelisted",
-            evidence=(f"ppid {p.ppid}",),
-        )
+        return _STRAY
 
 
 def ancestry(pid: int, procs: Mapping[int, Proc], limit: int = 64) -> list[Proc]:
