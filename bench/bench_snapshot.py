@@ -384,12 +384,15 @@ def print_table(rows: list, names: list[str], clock: str, repeat: int) -> None:
     """One markdown table: µs per process listed and total ms, best of `repeat`, by `clock`."""
     what = "CPU time (ours + ps's)" if clock == "cpu" else "wall time"
     print(f"\n{what}, best of {repeat}: µs per process / total ms\n")
-    print("| N sleepers | procs | " + " | ".join(names) + " | pruned/floor | psutil/pruned |")
+    # The target is judged on the real thing: snapshot + classify, when it is importable.
+    real = "+classify" if "+classify" in names else "pruned"
+    print("| N sleepers | procs | " + " | ".join(names)
+          + f" | {real}/floor | psutil/{real} |")
     print("|---:|---:|" + "---:|" * len(names) + "---:|---:|")
     for n, res, _kb in rows:
         t = {k: getattr(res[k], clock) for k in names}
         cells = [f"{t[k] * 1e6 / max(res[k].procs, 1):.1f} / {t[k] * 1e3:.0f}" for k in names]
-        ratios = f"{t['pruned'] / t['floor']:.2f}x | {t['psutil'] / t['pruned']:.1f}x"
+        ratios = f"{t[real] / t['floor']:.2f}x | {t['psutil'] / t[real]:.1f}x"
         print(f"| {n} | {res['floor'].procs} | " + " | ".join(cells) + f" | {ratios} |")
 
 
