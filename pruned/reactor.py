@@ -95,6 +95,14 @@ class Reactor:
         self.children: dict[int, set[int]] = {}
         self.recheck: list[tuple[float, int]] = []  # (monotonic due time, pid)
         self._thread: threading.Thread | None = None
+        # Set here, not in start()/_run(): seed() may come first, and stop() before the
+        # thread got to run (a flag reset in _run would then never stop it).
+        self._seed: dict[int, set[int]] | None = None
+        # pruned and its ancestors, read once per full sweep rather than once per event batch
+        # (six /proc/PID/stat reads of busy processes, ~20% of a batch's cost in a fork storm).
+        # Ancestors only ever die, so the cached set can only be a superset: never less safe.
+        self._protected: frozenset[int] | None = None
+        self._stopping = False
         self.handled = 0
 
     # called from the watcher thread: never blocks
@@ -106,11 +114,12 @@ class Reactor:
         children: dict[int, set[int]] = {}
         for p in snap.procs.values():
             children.setdefault(p.ppid, set()).add(p.pid)
-        self.q.put(None)  # a marker: swap in the worker thread, no lock needed
+        # Publish first, then the marker: the worker swaps it in when it meets the marker,
+        # no lock needed (the other order could let the worker see the marker first).
         self._seed = children
+        self.q.put(None)
 
     def start(self) -> Reactor:
-        self._seed: dict[int, set[int]] | None = None
         self._thread = threading.Thread(target=self._run, name="pruned-reactor", daemon=True)
         self._thread.start()
         return self
@@ -122,7 +131,6 @@ class Reactor:
             self._thread.join(10)
 
     def _run(self) -> None:
-        self._stopping = False
         while not self._stopping:
             timeout = None
             if self.recheck:
@@ -145,6 +153,7 @@ class Reactor:
                 if it is None:
                     if self._seed is not None:
                         self.children, self._seed = self._seed, None
+                        self._protected = None
                     continue
                 pids |= it[0]
                 exited |= it[1]
@@ -179,9 +188,11 @@ class Reactor:
             jobs = self.get_jobs(True)
         view = replace(jobs, membership=member)
         verdicts = classify(snap, view, policy, facts)
+        if self._protected is None:
+            self._protected = actions.protected_pids(self.proc_root)
         with self.lock:
-            full = decide(snap, verdicts, view, policy,
-                          protected=actions.protected_pids(self.proc_root), uids=self.uids)
+            full = decide(snap, verdicts, view, policy, protected=self._protected,
+                          uids=self.uids)
             mine = tuple(d for d in full.decisions if d.proc.pid in targets)
             plan = SweepPlan(mine, full.report_only, None)
             plan = apply_brake(plan, policy)

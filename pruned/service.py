@@ -69,9 +69,10 @@ class Daemon:
     def __init__(self, policy_path: str, *, uids: Collection[int] | None = None) -> None:
         self.policy_path = policy_path
         self.uids = set(uids) if uids else None
-        self.policy: Policy = load_policy(policy_path)  # PolicyError -> exit 78 in run_daemon
-        self.facts: NodeFacts = resolve_facts(self.policy)
-        self.sink: AuditSink = make_sink(self.policy.audit_fallback)
+        policy = load_policy(policy_path)  # PolicyError -> exit 78 in run_daemon
+        # One tuple, swapped whole on reload: a sweep never sees a new policy with old facts.
+        self._ctx: tuple[Policy, NodeFacts, AuditSink] = (
+            policy, resolve_facts(policy), make_sink(policy.audit_fallback))
         self.tokens: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.act_lock = threading.Lock()  # sweeps and event reactions never act at once
         self.files_lock = threading.Lock()  # history: job refresh and file sweeps
@@ -79,6 +80,8 @@ class Daemon:
         self.jobs_cache: JobView | None = None
         self.sweeps: dict[str, SweepMetrics] = {}
         self.totals: Counter[tuple[str, str]] = Counter()
+        self.metrics_lock = threading.Lock()  # sweeps, file sweeps and events all write metrics
+        self.resync_pending = threading.Event()
         self.scheduler: BackgroundScheduler | None = None
         self.watcher: events.EventWatcher | None = None
         self.reactor: Reactor | None = None
@@ -87,7 +90,19 @@ class Daemon:
     # ------------------------------------------------------------ jobs
 
     def context(self) -> tuple[Policy, NodeFacts, AuditSink]:
-        return self.policy, self.facts, self.sink
+        return self._ctx
+
+    @property
+    def policy(self) -> Policy:
+        return self._ctx[0]
+
+    @property
+    def facts(self) -> NodeFacts:
+        return self._ctx[1]
+
+    @property
+    def sink(self) -> AuditSink:
+        return self._ctx[2]
 
     def jobs(self, fresh: bool) -> JobView:
         if fresh or self.jobs_cache is None:
@@ -108,19 +123,21 @@ class Daemon:
         with self.act_lock:
             report = run_sweep(policy, facts, sink, uids=self.uids)
         self.jobs_cache = report.observation.jobs
-        if self.reactor is not None:
-            self.reactor.seed(report.observation.snap)
+        reactor = self.reactor  # read once: a reload or stop may clear it meanwhile
+        if reactor is not None:
+            reactor.seed(report.observation.snap)
         plan = report.observation.plan
-        self.totals.update(report.by_action_result)
-        self.sweeps["process"] = SweepMetrics(
-            "process",
-            time.time(),
-            report.duration,
-            dict(report.by_class),
-            dict(report.by_action_result),
-            brake=plan.brake is not None,
-            report_only=bool(plan.report_only),
-        )
+        with self.metrics_lock:
+            self.totals.update(report.by_action_result)
+            self.sweeps["process"] = SweepMetrics(
+                "process",
+                time.time(),
+                report.duration,
+                dict(report.by_class),
+                dict(report.by_action_result),
+                brake=plan.brake is not None,
+                report_only=bool(plan.report_only),
+            )
         self.write_metrics()
         # Only a sweep that completed may feed the watchdog.
         sd_notify(f"WATCHDOG=1\nSTATUS={self.status(report)}")
@@ -137,22 +154,31 @@ class Daemon:
         with self.files_lock:
             report = run_clean(policy, facts, sink, history=self.history)
         done = [o for o in report.outcomes if o.result is Result.DONE]
-        self.sweeps["files"] = SweepMetrics(
-            "files",
-            time.time(),
-            0.0,
-            files_removed=sum(o.files for o in done),
-            bytes_removed=sum(o.bytes for o in done),
-        )
+        with self.metrics_lock:
+            self.sweeps["files"] = SweepMetrics(
+                "files",
+                time.time(),
+                0.0,
+                files_removed=sum(o.files for o in done),
+                bytes_removed=sum(o.bytes for o in done),
+            )
         self.write_metrics()
         return report
+
+    def on_event_report(self, report: SweepReport) -> None:
+        """Kills by the event path count in the running totals too."""
+        with self.metrics_lock:
+            self.totals.update(report.by_action_result)
+        self.write_metrics()
 
     def write_metrics(self) -> None:
         path = self.policy.metrics_textfile
         if not path:
             return
         try:
-            write_atomic(path, render(self.sweeps, self.totals))
+            with self.metrics_lock:  # render() iterates what other threads update
+                text = render(self.sweeps, self.totals)
+            write_atomic(path, text)
         except OSError as e:
             print(f"pruned: cannot write metrics {path}: {e.strerror}", file=sys.stderr)
 
@@ -165,25 +191,44 @@ class Daemon:
     # ------------------------------------------------------------ events
 
     def start_events(self) -> None:
+        """Start the event path if the policy wants it and it is not running (also on reload)."""
         if not self.policy.events:
+            self.stop_events()
             self.events_note = "events off by policy: polling only"
             return
-        why = events.probe()
+        if self.watcher is not None:
+            return
+        why = events.probe()  # already "proc connector unavailable: <why>"
         if why is not None:
             self.events_note = f"events unavailable ({why}): polling only"
-            self.sink.emit(event_record("resync", f"proc connector unavailable: {why}; "
-                                        "falling back to polling every sweep", reason=why))
+            self.sink.emit(event_record("resync", f"{why}; falling back to polling every sweep",
+                                        reason=why))
             return
-        self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids).start()
+        self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
+                               on_report=self.on_event_report).start()
         self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost).start()
         self.events_note = "events on"
+
+    def stop_events(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.reactor is not None:
+            self.reactor.stop()
+            self.reactor = None
 
     def on_lost(self, reason: str) -> None:
         """Events were lost: a full sweep right now catches whatever they would have shown."""
         self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
-        if self.scheduler is not None:
-            self.scheduler.add_job(self.process_sweep, id="resync", replace_existing=True,
-                                   executor="sweeps", max_instances=1, coalesce=True)
+        # At most one resync waits; a loss during a running resync queues one more (a job id
+        # with max_instances would instead skip it while the first still runs).
+        if self.scheduler is not None and not self.resync_pending.is_set():
+            self.resync_pending.set()
+            self.scheduler.add_job(self.resync, executor="sweeps", misfire_grace_time=None)
+
+    def resync(self) -> None:
+        self.resync_pending.clear()
+        self.process_sweep()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -216,13 +261,12 @@ class Daemon:
                                         reason=where, errors=len(e.errors)))
             sd_notify(f"STATUS=policy rejected ({where}); running with the last good one")
             return
-        self.policy = policy
-        self.facts = resolve_facts(policy)
-        self.sink = make_sink(policy.audit_fallback)
+        self._ctx = (policy, resolve_facts(policy), make_sink(policy.audit_fallback))
         mode = "report" if policy.dry_run else "enforce"
         self.sink.emit(event_record("config_loaded", f"policy {self.policy_path} loaded "
                                     f"(mode {mode})", path=self.policy_path))
         self.schedule()
+        self.start_events()
 
     def run(self) -> int:
         try:
@@ -251,16 +295,14 @@ class Daemon:
         while True:
             token = self.tokens.get()
             if token == "reload":
-                sd_notify("RELOADING=1")
+                # sd_notify(3): RELOADING=1 carries the CLOCK_MONOTONIC time of the request.
+                sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
                 self.reload()
                 sd_notify("READY=1")
             elif token == "stop":
                 break
         sd_notify("STOPPING=1\nSTATUS=stopping")
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.reactor is not None:
-            self.reactor.stop()
+        self.stop_events()
         self.scheduler.shutdown(wait=True)
         with self.files_lock:
             self.history.save()
