@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
+from functools import lru_cache
 
 from . import actions, procfs
 from .classify import classify
@@ -26,6 +27,7 @@ from .model import JobView, Membership, Policy, Proc, Snapshot
 from .sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id
 
 MAX_ANCESTRY = 256
+_boot_time = lru_cache(maxsize=4)(procfs.boot_time)  # constant while the machine is up
 
 
 def mini_snapshot(pids: Iterable[int], proc_root: str = "/proc") -> Snapshot:
@@ -49,7 +51,7 @@ def mini_snapshot(pids: Iterable[int], proc_root: str = "/proc") -> Snapshot:
     return Snapshot(
         procs=procs,
         taken_at=time.time(),
-        boot_time=procfs.boot_time(proc_root),
+        boot_time=_boot_time(proc_root),
         clk_tck=os.sysconf("SC_CLK_TCK"),
         vanished=vanished,
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import actions, procfs
 from .audit import AuditSink, event_record, record_for_outcome, summary_record, tally
-from .classify import classify
+from .classify import classify, resolved
 from .config import NodeFacts
 from .decide import SweepPlan, decide
 from .jobs import JobSource, SlurmCgroupSource, StateDirSource, parse_slurm_cgroup_path, read_jobs
@@ -64,6 +64,7 @@ def observe(
     proc_root: str = "/proc",
 ) -> Observation:
     """Read the node and decide, without acting: what scan, explain and every sweep start with."""
+    resolved.cache_clear()  # re-resolve configured exe symlinks once per full observation
     snap = procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe))
     jobs = read_jobs(make_sources(policy) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts)
