@@ -17,13 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.cluster import Cluster, proc_cgroup
-from tests.fixtures.users import User, alive, daemon_as, pids_of_uid, wait_for_pid
+from tests.fixtures.users import User, alive, daemon_as, pids_of_uid, wait_dead, wait_for_pid
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -68,31 +67,11 @@ def sweep_id(stdout: str) -> str:
     return m[1]
 
 
-def wait_dead(pid: int, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def kill_test_pid(pid: int, user: User) -> None:
     """SIGKILL pid if it still runs as the test user (never anything else)."""
     if pid in pids_of_uid(user.uid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def jobs(exclusive_cluster: Cluster) -> Iterator[list[int]]:
-    """Job ids a test submits; cancelled and waited for at the end."""
-    ids: list[int] = []
-    yield ids
-    for job in ids:
-        exclusive_cluster.scancel(job)
-    for job in ids:
-        exclusive_cluster.wait_gone(job)
 
 
 def submit(c: Cluster, jobs: list[int], user: User, name: str) -> tuple[int, int]:

@@ -71,17 +71,6 @@ def clean_setup(tmp_path: Path) -> Iterator[Setup]:
         base.rmdir()
 
 
-@pytest.fixture
-def jobs(exclusive_cluster: Cluster) -> Iterator[list[int]]:
-    """Job ids a test submits; cancelled and waited for at the end."""
-    ids: list[int] = []
-    yield ids
-    for job in ids:
-        exclusive_cluster.scancel(job)
-    for job in ids:
-        exclusive_cluster.wait_gone(job)
-
-
 def clean(policy: Path, dry_run: bool = False) -> subprocess.CompletedProcess[str]:
     """`python -m pruned.cli clean --once [--dry-run] --policy P`."""
     argv = [sys.executable, "-m", "pruned.cli", "clean", "--once", "--policy", str(policy)]

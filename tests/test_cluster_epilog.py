@@ -20,20 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.cluster import WORKDIR, run_cluster_sh
-from tests.fixtures.users import alive, daemon_as, wait_for_pid
+from tests.fixtures.users import alive, daemon_as, wait_dead, wait_for_pid
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_dead(pid: int, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture
@@ -58,9 +49,9 @@ def epilog_setup(tmp_path: Path):
     wrapper = tmp_path / "epilog.sh"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f"echo \"== job $SLURM_JOB_ID uid $SLURM_JOB_UID\" >> {log}\n"
+        f'echo "== job $SLURM_JOB_ID uid $SLURM_JOB_UID" >> {log}\n'
         f"{REPO}/.venv/bin/pruned-epilog --policy {policy} >> {log} 2>&1\n"
-        f"rc=$?; echo \"== rc $rc\" >> {log}; exit $rc\n"
+        f'rc=$?; echo "== rc $rc" >> {log}; exit $rc\n'
     )
     wrapper.chmod(0o755)
     tmp_path.chmod(0o755)
@@ -146,9 +137,21 @@ def test_slurmd_down_makes_sweeps_report_only(exclusive_cluster, make_user, tmp_
     try:
         assert wait_dead(slurmd, 30)
         r = subprocess.run(
-            [sys.executable, "-m", "pruned.cli", "sweep", "--once", "--policy", str(policy),
-             "--uid", str(carol.uid)],
-            capture_output=True, text=True, timeout=120, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "pruned.cli",
+                "sweep",
+                "--once",
+                "--policy",
+                str(policy),
+                "--uid",
+                str(carol.uid),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
         )
         assert "REPORT-ONLY" in r.stdout and "slurmd" in r.stdout, r.stdout + r.stderr
         time.sleep(0.3)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.users import User, alive, daemon_as, wait_for_pid
+from tests.fixtures.users import User, alive, daemon_as, wait_dead, wait_for_pid
 
 pytestmark = pytest.mark.root
 
@@ -43,22 +43,22 @@ def sweep(policy: Path, *uids: int, extra: tuple[str, ...] = ()) -> subprocess.C
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
-def wait_dead(pids, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def stray_tree(user: User, name: str) -> tuple[int, int]:
     """A double-forked daemon with a child: (daemon pid, child pid)."""
     subprocess.run(
-        ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups",
-         "setsid", "-f", "bash", "-c",
-         f"(exec -a {name}_child sleep 600) & exec -a {name} sleep 600"],
-        cwd=user.home, check=True,
+        [
+            "setpriv",
+            f"--reuid={user.uid}",
+            f"--regid={user.gid}",
+            "--init-groups",
+            "setsid",
+            "-f",
+            "bash",
+            "-c",
+            f"(exec -a {name}_child sleep 600) & exec -a {name} sleep 600",
+        ],
+        cwd=user.home,
+        check=True,
     )
     return wait_for_pid(user.uid, name), wait_for_pid(user.uid, f"{name}_child")
 
@@ -83,9 +83,12 @@ def test_stray_tree_dies_and_others_live(tmp_path, make_user, fake_mom):
     stray, child = stray_tree(bob, "bob_stray")
     # batch: bob's job below a root-owned daemon identified by its exe path
     mom = subprocess.Popen(
-        [str(fake_mom), "-c",
-         f"setpriv --reuid={bob.uid} --regid={bob.gid} --init-groups "
-         f"bash -c 'exec -a bob_job sleep 600' & wait"],
+        [
+            str(fake_mom),
+            "-c",
+            f"setpriv --reuid={bob.uid} --regid={bob.gid} --init-groups "
+            f"bash -c 'exec -a bob_job sleep 600' & wait",
+        ],
         start_new_session=True,
     )
     job = wait_for_pid(bob.uid, "bob_job")
@@ -98,12 +101,16 @@ def test_stray_tree_dies_and_others_live(tmp_path, make_user, fake_mom):
         assert wait_dead([stray, child, spoof]), r.stdout
         assert alive(job) and alive(admin) and alive(service) and alive(mom.pid)
         assert "done    kill   pid" in r.stdout
-        records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()] \
-            if (tmp_path / "audit.jsonl").exists() else []
+        records = (
+            [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+            if (tmp_path / "audit.jsonl").exists()
+            else []
+        )
         # with journald up the records are there; without it, in the fallback file
         if records:
-            killed = {int(x["PRUNED_PID"]) for x in records
-                      if x.get("PRUNED_EVENT") == "process_killed"}
+            killed = {
+                int(x["PRUNED_PID"]) for x in records if x.get("PRUNED_EVENT") == "process_killed"
+            }
             assert {stray, child, spoof} <= killed
     finally:
         mom.kill()
@@ -125,8 +132,17 @@ def test_term_ignoring_stray_dies_after_grace(tmp_path, make_user):
     bob = make_user("prst")
     policy = write_policy(tmp_path)
     subprocess.run(
-        ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
-         "setsid", "-f", "bash", "-c", "trap '' TERM; exec -a stubborn sleep 600"],
+        [
+            "setpriv",
+            f"--reuid={bob.uid}",
+            f"--regid={bob.gid}",
+            "--init-groups",
+            "setsid",
+            "-f",
+            "bash",
+            "-c",
+            "trap '' TERM; exec -a stubborn sleep 600",
+        ],
         check=True,
     )
     pid = wait_for_pid(bob.uid, "stubborn")
@@ -166,15 +182,30 @@ def test_audit_fields_in_real_journald(tmp_path, make_user, journald):
     assert wait_dead([pid, child]), r.stdout
     recs = journald.wait_records(PRUNED_PID=str(pid), SYSLOG_IDENTIFIER="pruned")
     rec = recs[-1]
-    for key in ("PRUNED_EVENT", "PRUNED_PID", "PRUNED_STARTTIME", "PRUNED_UID", "PRUNED_USER",
-                "PRUNED_COMM", "PRUNED_CLASS", "PRUNED_RULE", "PRUNED_ACTION", "PRUNED_RESULT",
-                "PRUNED_SWEEP_ID", "PRUNED_DRY_RUN", "MESSAGE_ID", "PRIORITY", "MESSAGE"):
+    for key in (
+        "PRUNED_EVENT",
+        "PRUNED_PID",
+        "PRUNED_STARTTIME",
+        "PRUNED_UID",
+        "PRUNED_USER",
+        "PRUNED_COMM",
+        "PRUNED_CLASS",
+        "PRUNED_RULE",
+        "PRUNED_ACTION",
+        "PRUNED_RESULT",
+        "PRUNED_SWEEP_ID",
+        "PRUNED_DRY_RUN",
+        "MESSAGE_ID",
+        "PRIORITY",
+        "MESSAGE",
+    ):
         assert key in rec, key
     assert rec["PRUNED_EVENT"] == "process_killed" and rec["PRUNED_RESULT"] == "done"
     assert rec["PRUNED_USER"] == bob.name and rec["PRIORITY"] == "5"
     assert f"pid {pid}" in rec["MESSAGE"] and "stray.default" in rec["MESSAGE"]
-    summary = journald.wait_records(PRUNED_SWEEP_ID=rec["PRUNED_SWEEP_ID"],
-                                    PRUNED_EVENT="sweep_summary")
+    summary = journald.wait_records(
+        PRUNED_SWEEP_ID=rec["PRUNED_SWEEP_ID"], PRUNED_EVENT="sweep_summary"
+    )
     assert summary
 
 
@@ -186,11 +217,17 @@ def test_audit_falls_back_without_journald(tmp_path, make_user):
     empty = tmp_path / "nojournal"
     empty.mkdir()
     # /run/systemd exists on every systemd-based node; hiding it hides the journal socket.
-    cmd = (f"mount --bind {empty} /run/systemd && "
-           f"exec {sys.executable} -m pruned.cli sweep --once --policy {policy} --uid {bob.uid}")
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
-                       capture_output=True, text=True, timeout=120,
-                       cwd=str(Path(__file__).resolve().parents[1]))
+    cmd = (
+        f"mount --bind {empty} /run/systemd && "
+        f"exec {sys.executable} -m pruned.cli sweep --once --policy {policy} --uid {bob.uid}"
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
     assert r.returncode == 0, r.stderr
     assert wait_dead([pid])
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
