@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Protocol
 
-from .jobs import exe_paths
+from .jobs import exe_paths, root_exe_matches
 from .model import UID_RAIL, JobView, Membership, Policy, Proc, ProcClass, Snapshot, Verdict
 
 DELETED = " (deleted)"  # readlink of /proc/PID/exe after the binary was replaced on disk
@@ -129,10 +129,10 @@ class _Classifier:
         return proc is not None and test(proc)
 
     def _is_daemon(self, proc: Proc) -> bool:
-        return is_genuine_root(proc) and exe_in(proc, self.daemons)
+        return is_genuine_root(proc) and root_exe_matches(proc.exe, self.daemons)
 
     def _is_root_sshd(self, proc: Proc) -> bool:
-        return is_genuine_root(proc) and exe_in(proc, self.sshd)
+        return is_genuine_root(proc) and root_exe_matches(proc.exe, self.sshd)
 
     def daemon_ancestor(self, pid: int) -> int | None:
         return self._nearest(pid, self._daemon_anc, self._is_daemon)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from .classify import exe_in, is_genuine_root, resolved
+from .classify import is_genuine_root, resolved
+from .jobs import root_exe_matches
 from .model import UID_RAIL, Action, Decision, JobView, Policy, Proc, ProcClass, Snapshot, Verdict
 
 
@@ -44,8 +45,8 @@ def rail(proc: Proc, policy: Policy, protected: Collection[int]) -> str | None:
         return "rail: pruned itself or one of its ancestors"
     # Only a root-owned daemon is protected by its path: a user can run (or LD_PRELOAD into)
     # a copy of /usr/sbin/slurmstepd, and that must not make their process untouchable.
-    if is_genuine_root(proc) and exe_in(
-        proc, resolved((*policy.batch_daemons, *policy.slurm.stepd))
+    if is_genuine_root(proc) and root_exe_matches(
+        proc.exe, resolved((*policy.batch_daemons, *policy.slurm.stepd))
     ):
         return f"rail: batch daemon executable {proc.exe}"
     if proc.zombie:

@@ -223,6 +223,20 @@ class SlurmCgroupSource:
         return _SlurmRead(self).run()
 
 
+def root_exe_matches(exe: str | None, paths: frozenset[str]) -> bool:
+    """Whether a *real-root* process's exe is one of the daemon `paths`.
+
+    Also true for the same binary name anywhere and for a binary replaced on disk
+    (`... (deleted)`): a package upgrade or a versioned install (/opt/slurm/<v>/sbin, a moved
+    `current` link) must not make every running job look ended while its slurmstepd runs
+    on. Only the caller's real-uid-0 check makes this safe: users cannot make root processes.
+    """
+    if not exe:
+        return False
+    exe = exe.removesuffix(" (deleted)")
+    return exe in paths or os.path.basename(exe) in {os.path.basename(p) for p in paths}
+
+
 def exe_paths(paths: Iterable[str]) -> frozenset[str]:
     """The paths plus where their symlinks lead: /proc/PID/exe shows the resolved binary.
 
@@ -422,7 +436,7 @@ class _SlurmRead:
             return False
         except OSError:
             return False
-        if exe not in paths:
+        if not root_exe_matches(exe, paths):
             return False
         st = self.status(pid)
         return st is not None and st[0] not in _DEAD and st[1] == 0

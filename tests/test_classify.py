@@ -170,15 +170,18 @@ def test_batch_by_lineage_without_cgroups() -> None:
         P(12, 11, BOB, "a.out", "/home/bob/a.out"),
         P(20, 1, BOB, "pbs_mom", "/home/bob/pbs_mom"),  # spoof: user-owned
         P(21, 20, BOB, "a.out", "/home/bob/a.out"),
-        P(30, 1, 0, "pbs_mom", "/tmp/pbs_mom"),  # root but not a configured path
+        P(30, 1, 0, "pbs_mom", "/opt/pbs/23/sbin/pbs_mom"),  # root, same binary, versioned dir
         P(31, 30, BOB, "a.out", "/home/bob/a.out"),
+        P(40, 1, 0, "pbs_mom", "/usr/sbin/not_mom"),  # root, named pbs_mom, another binary
+        P(41, 40, BOB, "a.out", "/home/bob/a.out"),
     ]
     snap = Snapshot({p.pid: p for p in procs}, NOW, 0.0, 100)
     v = classify(snap, JobView({}, {}), Policy(), F())
     assert (v[11].cls, v[11].rule, v[11].decider) == (ProcClass.BATCH, "batch.daemon_lineage", 10)
     assert v[12].cls is ProcClass.BATCH
     assert v[21].cls is ProcClass.STRAY
-    assert v[31].cls is ProcClass.STRAY
+    assert v[31].cls is ProcClass.BATCH  # a root process of that binary name: trusted
+    assert v[41].cls is ProcClass.STRAY
 
 
 def test_root_daemon_upgraded_in_place_still_counts() -> None:
@@ -296,3 +299,23 @@ def test_report_only_when_job_source_has_problems() -> None:
     assert sp.report_only == ("slurmd is not running",)
     assert not sp.actionable()
     assert all("report-only" in d.held for d in sp.reported() if d.held and d.proc.pid == 700)
+
+
+@pytest.mark.parametrize(
+    ("exe", "expected"),
+    [
+        ("/usr/sbin/slurmstepd", True),
+        ("/usr/sbin/slurmstepd-wlm (deleted)", True),  # upgraded in place by the package
+        ("/opt/slurm/23.11/sbin/slurmstepd", True),  # versioned install, `current` link moved
+        ("/usr/sbin/slurmstepd-wlm", True),
+        ("/usr/sbin/slurmd", False),
+        ("/home/bob/slurmstepdx", False),
+        (None, False),
+    ],
+)
+def test_root_exe_matches(exe, expected) -> None:
+    """For real-root processes only: a daemon is known by its path or its binary name."""
+    from pruned.jobs import root_exe_matches
+
+    paths = frozenset({"/usr/sbin/slurmstepd", "/usr/sbin/slurmstepd-wlm"})
+    assert root_exe_matches(exe, paths) is expected

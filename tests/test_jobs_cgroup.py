@@ -117,6 +117,7 @@ def bins() -> Iterator[dict[str, str]]:
         "stepd": f"{d}/slurmstepd",
         "slurmd": f"{d}/slurmd",
         "lookalike": f"{d}/other/slurmstepd",
+        "root_other": f"{d}/other/stepd-helper",
     }
     for path in out.values():
         shutil.copy2("/usr/bin/sleep", path)
@@ -172,14 +173,15 @@ def v1(make_user, bins) -> Iterator[V1World]:
             at("cpuset", a, run_job, "step_extern"),
         )
         # Crashed job: processes, but no root stepd: a user running the stepd binary, a user
-        # binary called slurmstepd, a root binary called slurmstepd at another path.
+        # binary called slurmstepd, a root binary of another name. (A ROOT binary named
+        # slurmstepd at another path does count: a versioned install or an upgrade moves it.)
         crashed_user = cg.start(["sleep", "604"], user_a)
         cg.put(crashed_user, *(at(c, a, crashed_job, "step_batch") for c in V1_CTRLS))
         user_stepd = cg.start([bins["stepd"], "605"], user_a)
         cg.put(user_stepd, *(at(c, a, crashed_job) for c in V1_CTRLS))
         lookalike = cg.start([bins["lookalike"], "606"], user_a)
         cg.put(lookalike, *(at(c, a, crashed_job) for c in V1_CTRLS))
-        root_lookalike = cg.start([bins["lookalike"], "607"])
+        root_lookalike = cg.start([bins["root_other"], "607"])
         cg.put(root_lookalike, *(at(c, a, crashed_job) for c in V1_CTRLS))
         # Empty job of user_b: cgroups only.
         for c in V1_CTRLS:
@@ -281,7 +283,7 @@ def test_paths_given_as_symlinks_match_the_resolved_exe(v1: V1World, bins, tmp_p
 
 
 def test_v1_no_slurmd_is_a_problem(v1: V1World, bins) -> None:
-    view = _source(bins, slurmd_paths=("/nonexistent/slurmd",)).read()
+    view = _source(bins, slurmd_paths=("/nonexistent/no-such-daemon",)).read()
     assert any("slurmd is not running" in p and "job state unknown" in p for p in view.problems)
     # The jobs are still reported: report-only mode needs them to say what it would do.
     assert view.jobs[v1.run_job].running
