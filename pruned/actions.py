@@ -948,6 +948,7 @@ def adopt(
     extern_dirs: Sequence[str],
     *,
     dry_run: bool,
+    uid: int | None = None,
     proc_root: str = "/proc",
 ) -> AdoptResult:
     """Move key's tree into every extern cgroup dir, re-checking starttime around each write.
@@ -961,7 +962,9 @@ def adopt(
         raise ValueError("adopt needs at least one extern cgroup directory")
     protected = protected_pids(proc_root)
     t0 = time.monotonic()
-    tree = _Tree(key, None, proc_root)
+    # With `uid`, the re-walk never takes in another user's process (a `sudo -i` inside the
+    # stray's tmux must not be moved into this user's job).
+    tree = _Tree(key, uid, proc_root)
     steps: list[AdoptStep] = []
     reused: list[str] = []
     moved: list[ProcKey] = []

@@ -124,13 +124,18 @@ def decide(
     return apply_brake(SweepPlan(tuple(out), report_only, None), policy)
 
 
-def apply_brake(plan: SweepPlan, policy: Policy) -> SweepPlan:
-    """The mass-kill brake: more kills than max_kills_per_sweep means none at all."""
+def apply_brake(plan: SweepPlan, policy: Policy, already: int = 0) -> SweepPlan:
+    """The mass-kill brake: more kills than max_kills_per_sweep means none at all.
+
+    `already`: kills spent since the last full sweep (the event path acts in small batches,
+    which together must stay within the same budget as one sweep).
+    """
     kills = [d for d in plan.decisions if d.action is Action.KILL and d.held is None]
-    if len(kills) <= policy.max_kills_per_sweep:
+    if already + len(kills) <= policy.max_kills_per_sweep:
         return plan
+    since = f" (+{already} since the last sweep)" if already else ""
     brake = (
-        f"mass-kill brake: {len(kills)} kills in one sweep exceed "
+        f"mass-kill brake: {len(kills)} kills{since} exceed "
         f"max_kills_per_sweep={policy.max_kills_per_sweep}; nothing was killed"
     )
     held = tuple(

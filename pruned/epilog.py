@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection
 from . import actions, cleanup, fswalk
 from .audit import AuditSink
 from .config import resolve_facts
-from .decide import SweepPlan, rail
+from .decide import SweepPlan, apply_brake, rail
 from .exitcodes import EX_FAILED, EX_OK
 from .filesweep import file_outcome_record
 from .jobs import end_job_record, write_job_record
@@ -142,7 +142,9 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         env_jobs=lambda pid: read_env_jobs(pid, proc_root),
         protected=actions.protected_pids(proc_root),
     )
-    plan = SweepPlan(tuple(decisions))
+    # The same brake as a sweep: an epilog that wants to kill more than max_kills_per_sweep
+    # processes is more likely looking at a wrong job view than at one job's leftovers.
+    plan = apply_brake(SweepPlan(tuple(decisions)), policy)
     outcomes = execute(
         plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_job=job_id
     )
@@ -196,7 +198,11 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
              f"{len(ffailed)} failed")
     # Only processes that survived count as failure (Slurm drains the node on non-zero):
     # a directory that cannot be removed is reported but does not take the node out.
-    return EX_FAILED if failed else EX_OK
+    if plan.brake:
+        print_fn(f"pruned epilog: job {job_id}: {plan.brake}")
+    # A tripped brake also exits 1: the node drains and an admin looks, rather than pruned
+    # guessing further.
+    return EX_FAILED if failed or plan.brake else EX_OK
 
 
 def run_prolog(policy: Policy, job_id: str, uid: int, user: str | None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import procfs
 from .audit import AuditRecord, AuditSink, event_record, files_record
@@ -114,6 +114,11 @@ def run_clean(
         now,
         container_nodes(base) if base else (),
     )
+    unknown = [j.job_id for j in jobs.running() if j.uid is None]
+    if unknown and plan.loose:
+        # A running job whose owner is not known yet could be any uid's: no loose files go.
+        why = f"running job(s) {', '.join(unknown[:5])} with unknown uid: loose files kept"
+        plan = replace(plan, loose=(), held=(*plan.held, why))
     acting_dry = dry or report_only is not None
     outcomes = execute_cleanup(plan, acting_dry)
     report = CleanReport(sweep_id, acting_dry, plan, outcomes, report_only, ended_now)

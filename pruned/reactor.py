@@ -23,7 +23,7 @@ from . import actions, procfs
 from .classify import classify
 from .decide import SweepPlan, apply_brake, decide
 from .jobs import parse_slurm_cgroup_path
-from .model import JobView, Membership, Policy, Proc, Snapshot
+from .model import Action, JobView, Membership, Policy, Proc, Snapshot
 from .sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id
 
 MAX_ANCESTRY = 256
@@ -106,6 +106,10 @@ class Reactor:
         self._protected: frozenset[int] | None = None
         self._stopping = False
         self.handled = 0
+        # Set by the daemon after each full sweep: why the event path must not act (the
+        # sweep was report-only or tripped the brake), or None. And the kills spent since.
+        self.hold: str | None = None
+        self.kills_since_sweep = 0
 
     # called from the watcher thread: never blocks
     def on_pids(self, changed: set[int], exited: set[int]) -> None:
@@ -119,6 +123,7 @@ class Reactor:
         # Publish first, then the marker: the worker swaps it in when it meets the marker,
         # no lock needed (the other order could let the worker see the marker first).
         self._seed = children
+        self.kills_since_sweep = 0
         self.q.put(None)
 
     def start(self) -> Reactor:
@@ -196,8 +201,16 @@ class Reactor:
             full = decide(snap, verdicts, view, policy, protected=self._protected,
                           uids=self.uids)
             mine = tuple(d for d in full.decisions if d.proc.pid in targets)
+            hold = self.hold
+            if hold:  # the last full sweep was report-only or braked: so is the event path
+                mine = tuple(
+                    replace(d, held=f"event path held: {hold}", held_by="report_only")
+                    if d.action is not Action.IGNORE and d.held is None
+                    else d
+                    for d in mine
+                )
             plan = SweepPlan(mine, full.report_only, None)
-            plan = apply_brake(plan, policy)
+            plan = apply_brake(plan, policy, already=self.kills_since_sweep)
             for d in mine:
                 if d.held_by == "young":
                     due = time.monotonic() + max(0.05, policy.min_age - snap.age(d.proc)) + 0.05
@@ -207,6 +220,10 @@ class Reactor:
             dry = policy.dry_run
             t0 = time.monotonic()
             outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root)
+            if not dry:
+                self.kills_since_sweep += sum(
+                    1 for d in plan.actionable() if d.action is Action.KILL
+                )
             obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan)
             report = SweepReport("event-" + new_sweep_id(), time.time(),
                                  time.monotonic() - t0, dry, obs, outcomes)

@@ -123,10 +123,11 @@ class Daemon:
         with self.act_lock:
             report = run_sweep(policy, facts, sink, uids=self.uids)
         self.jobs_cache = report.observation.jobs
+        plan = report.observation.plan
         reactor = self.reactor  # read once: a reload or stop may clear it meanwhile
         if reactor is not None:
+            reactor.hold = plan.brake or ("; ".join(plan.report_only) or None)
             reactor.seed(report.observation.snap)
-        plan = report.observation.plan
         with self.metrics_lock:
             self.totals.update(report.by_action_result)
             self.sweeps["process"] = SweepMetrics(

@@ -208,9 +208,12 @@ class JobHistory:
                 self._records[job_id] = replace(rec, user=job.user)
         if view.problems:
             return []
+        # Any running job keeps its record open, known uid or not (a v2 allocation whose only
+        # process is the root extern sleep has no uid yet, and is very much alive).
+        alive = {j.job_id for j in view.jobs.values() if j.running}
         ended = []
         for job_id, rec in list(self._records.items()):
-            if not rec.ended and job_id not in running:
+            if not rec.ended and job_id not in alive:
                 rec = replace(rec, end=now)
                 self._records[job_id] = rec
                 ended.append(rec)

@@ -162,7 +162,7 @@ def execute(
         if action is Action.KILL:
             outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root)
         elif action is Action.ADOPT:
-            outcomes += _adopt(roots, desc, by_pid, jobs, target, dry_run, proc_root)
+            outcomes += _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root)
     return outcomes
 
 
@@ -239,7 +239,7 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
     return _per_process(roots, desc, by_pid, result_of)
 
 
-def _adopt(roots, desc, by_pid, jobs, target, dry_run, proc_root) -> list[Outcome]:
+def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[Outcome]:
     job = jobs.jobs.get(target) if target else None
     if job is None or not job.extern_dirs:
         why = f"job {target} has no extern step cgroup to adopt into"
@@ -249,7 +249,7 @@ def _adopt(roots, desc, by_pid, jobs, target, dry_run, proc_root) -> list[Outcom
         keys = [by_pid[p].proc.key for p in desc[r.pid]]
         try:
             results[r.pid] = actions.adopt(
-                r.key, keys, job.extern_dirs, dry_run=dry_run, proc_root=proc_root
+                r.key, keys, job.extern_dirs, dry_run=dry_run, uid=uid, proc_root=proc_root
             )
         except ValueError as e:
             results[r.pid] = e

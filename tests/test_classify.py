@@ -319,3 +319,17 @@ def test_root_exe_matches(exe, expected) -> None:
 
     paths = frozenset({"/usr/sbin/slurmstepd", "/usr/sbin/slurmstepd-wlm"})
     assert root_exe_matches(exe, paths) is expected
+
+
+def test_brake_counts_kills_already_spent_since_the_last_sweep() -> None:
+    """The event path acts in small batches that share one sweep's kill budget."""
+    from pruned.decide import apply_brake
+
+    pol = Policy(max_kills_per_sweep=5)
+    verdicts = classify(SNAP, JOBS, pol, FACTS)
+    plan = decide(SNAP, verdicts, JOBS, Policy())  # every kill free, then budget one
+    one = type(plan)(tuple(d for d in plan.decisions if d.proc.pid == 700))
+    assert apply_brake(one, pol, already=4).brake is None
+    braked = apply_brake(one, pol, already=5)
+    assert braked.brake and "+5 since the last sweep" in braked.brake
+    assert all(d.held_by == "brake" for d in braked.decisions if d.action is Action.KILL)

@@ -154,3 +154,12 @@ def test_write_json_atomic_replaces_whole_files(tmp_path) -> None:
         assert json.load(f) == {"b": 2}
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert sorted(os.listdir(tmp_path)) == ["f.json"]
+
+
+def test_a_running_job_whose_uid_became_unknown_is_not_ended(tmp_path) -> None:
+    """v2: an allocation with only the root extern sleep left has no uid, but still runs."""
+    h = JobHistory(str(tmp_path))
+    h.observe(JobView({"5": Job("5", 1001, 10.0, "slurm", True)}, {}), now=20.0)
+    assert h.observe(JobView({"5": Job("5", None, 10.0, "slurm", True)}, {}), now=30.0) == []
+    assert not h.get("5").ended
+    assert [r.job_id for r in h.observe(JobView({}, {}), now=40.0)] == ["5"]
