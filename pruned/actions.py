@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pruned.jobs import parse_slurm_cgroup_path
 from pruned.model import ProcKey
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: task is a kernel thread
@@ -283,6 +284,7 @@ class _Tree:
         self.failed: list[tuple[ProcKey, str]] = []
         self.leaders: dict[int, int] = {}  # pid -> starttime of every key ever in the tree
         self.seen: set[ProcKey] = set()
+        self._root_jobs: set[str] | None = None  # job ids of the root's cgroups, read once
 
     def add(self, key: ProcKey, late: bool = False) -> int | None:
         """Open a verified pidfd for key and make it a member; None if gone or skipped."""
@@ -302,10 +304,29 @@ class _Tree:
             os.close(fd)
             self.skipped.append(key)
             return None
+        if late and self._in_other_job(key.pid):
+            # Found by the re-walk, never classified: a process inside a job cgroup the root
+            # is not in belongs to that job (pruned never judged it a stray). Leave it.
+            os.close(fd)
+            self.skipped.append(key)
+            return None
         self.fds[key] = fd
         if late:
             self.late.append(key)
         return fd
+
+    def _jobs_of(self, pid: int) -> set[str]:
+        out = set()
+        for line in cgroup_lines(pid, self.proc_root):
+            sp = parse_slurm_cgroup_path(line)
+            if sp is not None:
+                out.add(sp.job_id)
+        return out
+
+    def _in_other_job(self, pid: int) -> bool:
+        if self._root_jobs is None:
+            self._root_jobs = self._jobs_of(self.root.pid)
+        return bool(self._jobs_of(pid) - self._root_jobs)
 
     def close(self) -> None:
         for fd in self.fds.values():

@@ -472,3 +472,28 @@ def test_adopt_dry_run_and_stale_key(tree_of, fake_job: list[str]) -> None:
     assert all(
         str(pid) not in Path(fake_job[0], "cgroup.procs").read_text().split() for pid in pids
     )
+
+
+def test_rewalk_leaves_a_member_of_a_job_cgroup_alone(tree_of, user_a: User) -> None:
+    """A process the re-walk finds (never classified) that sits in a Slurm job's cgroup the
+    root is not in belongs to that job: it is not killed with the stray."""
+    p, pids = tree_of("sleep 600 & exec -a rewalk_root sleep 600 & wait", 3)
+    child = next(x for x in pids if x != p.pid and argv0(x) == "sleep")
+    job_dir = Path(
+        f"/sys/fs/cgroup/freezer/slurm_prt{secrets.token_hex(3)}/uid_{user_a.uid}"
+        f"/job_{secrets.randbelow(10**6) + 10**6}/step_0"
+    )
+    job_dir.mkdir(parents=True)
+    try:
+        (job_dir / "cgroup.procs").write_text(str(child))
+        r = kill_tree(key_of(p.pid), [], grace=2.0, dry_run=False, uid=user_a.uid)
+        assert key_of(child) in r.skipped, r.describe()
+        assert alive(child) and not alive(p.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (job_dir / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for d in (job_dir, job_dir.parent, job_dir.parent.parent, job_dir.parent.parent.parent):
+            d.rmdir()
