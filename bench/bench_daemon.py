@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -46,6 +45,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+import _users  # noqa: E402
+from _users import User  # noqa: E402
 
 from pruned.events import EventWatcher, probe  # noqa: E402
 
@@ -130,32 +132,9 @@ print(i, time.monotonic() - t0, flush=True)
 # ---------------------------------------------------------------- users and processes
 
 
-@dataclass(frozen=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-
-
 def make_user(made: list[User]) -> User:
-    """A throw-away user with a random name and a free uid in our range."""
-    used = {p.pw_uid for p in pwd.getpwall()}
-    for _ in range(20):
-        uid = UID_LOW + secrets.randbelow(UID_HIGH - UID_LOW)
-        name = f"pbd{secrets.token_hex(3)}"
-        if uid in used:
-            continue
-        r = subprocess.run(
-            ["useradd", "-M", "-U", "-u", str(uid), "-s", "/bin/false", name],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode == 0:
-            pw = pwd.getpwnam(name)
-            user = User(name, pw.pw_uid, pw.pw_gid)
-            made.append(user)
-            return user
-    raise RuntimeError("useradd kept failing")
+    """A throw-away user with a random name and a free uid in this bench's range."""
+    return _users.make_user(made, "pbd", UID_LOW, UID_HIGH)
 
 
 def as_user(user: User, argv: list[str], prefix: tuple[str, ...] = (), **kw: object):

@@ -21,7 +21,6 @@ import contextlib
 import faulthandler
 import json
 import os
-import pwd
 import resource
 import secrets
 import select
@@ -34,6 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+import _users  # noqa: E402
+from _users import User  # noqa: E402
 
 from pruned.events import EventWatcher, ProcConnector, ProcEvent, probe  # noqa: E402
 
@@ -94,32 +96,9 @@ except ChildProcessError:
 """
 
 
-@dataclass(frozen=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-
-
 def make_user(made: list[User]) -> User:
-    """A throw-away user with a random name and a free uid in our range."""
-    used = {p.pw_uid for p in pwd.getpwall()}
-    for _ in range(20):
-        uid = UID_LOW + secrets.randbelow(UID_HIGH - UID_LOW)
-        name = f"prbe{secrets.token_hex(3)}"
-        if uid in used:
-            continue
-        r = subprocess.run(
-            ["useradd", "-M", "-U", "-u", str(uid), "-s", "/bin/false", name],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode == 0:
-            pw = pwd.getpwnam(name)
-            user = User(name, pw.pw_uid, pw.pw_gid)
-            made.append(user)
-            return user
-    raise RuntimeError("useradd kept failing")
+    """A throw-away user with a random name and a free uid in this bench's range."""
+    return _users.make_user(made, "prbe", UID_LOW, UID_HIGH)
 
 
 def as_user(user: User, argv: list[str], **kw: object) -> subprocess.Popen:
