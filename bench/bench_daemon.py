@@ -47,7 +47,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import _users  # noqa: E402
-from _users import User  # noqa: E402
+from _users import User, as_user  # noqa: E402
 
 from pruned.events import EventWatcher, probe  # noqa: E402
 
@@ -135,45 +135,6 @@ print(i, time.monotonic() - t0, flush=True)
 def make_user(made: list[User]) -> User:
     """A throw-away user with a random name and a free uid in this bench's range."""
     return _users.make_user(made, "pbd", UID_LOW, UID_HIGH)
-
-
-def as_user(user: User, argv: list[str], prefix: tuple[str, ...] = (), **kw: object):
-    """Start argv as user (real ids), in /, in its own session; `prefix` runs as root around it."""
-    return subprocess.Popen(  # type: ignore[call-overload]
-        [*prefix, "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
-         *argv],
-        cwd="/",
-        start_new_session=True,
-        **kw,
-    )
-
-
-def uid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def remove_users(made: list[User]) -> None:
-    """SIGKILL by pid whatever our uids still run (uid checked per pid), then userdel."""
-    for user in made:
-        assert user.uid >= UID_LOW
-        for _ in range(50):
-            pids = [int(p) for p in os.listdir("/proc")
-                    if p.isdigit() and uid_of(int(p)) == user.uid]
-            if not pids:
-                break
-            for pid in pids:
-                if uid_of(pid) == user.uid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        subprocess.run(["userdel", "-f", user.name], capture_output=True)
 
 
 def stop_child(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
@@ -559,7 +520,7 @@ def main() -> int:
     finally:
         for d in daemons:
             d.stop()
-        remove_users(made)
+        _users.remove_users(made, UID_LOW)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

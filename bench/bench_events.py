@@ -17,7 +17,6 @@ every process it kills is one it started, by pid, after checking its uid.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import json
 import os
@@ -35,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import _users  # noqa: E402
-from _users import User  # noqa: E402
+from _users import User, as_user  # noqa: E402
 
 from pruned.events import EventWatcher, ProcConnector, ProcEvent, probe  # noqa: E402
 
@@ -99,49 +98,6 @@ except ChildProcessError:
 def make_user(made: list[User]) -> User:
     """A throw-away user with a random name and a free uid in this bench's range."""
     return _users.make_user(made, "prbe", UID_LOW, UID_HIGH)
-
-
-def as_user(user: User, argv: list[str], **kw: object) -> subprocess.Popen:
-    """Start argv as user (real ids), in /, in its own session."""
-    return subprocess.Popen(  # type: ignore[call-overload]
-        ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", *argv],
-        cwd="/",
-        start_new_session=True,
-        **kw,
-    )
-
-
-def uid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def kill_own(pids: list[int], uid: int) -> None:
-    """SIGKILL each pid still owned by uid (one of our test users)."""
-    assert uid >= UID_LOW
-    for pid in pids:
-        if uid_of(pid) == uid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def remove_users(made: list[User]) -> None:
-    for user in made:
-        for _ in range(50):
-            pids = [
-                int(p) for p in os.listdir("/proc") if p.isdigit() and uid_of(int(p)) == user.uid
-            ]
-            if not pids:
-                break
-            kill_own(pids, user.uid)
-            time.sleep(0.1)
-        subprocess.run(["userdel", "-f", user.name], capture_output=True)
 
 
 # ---------------------------------------------------------------- helper processes (modes)
@@ -305,7 +261,7 @@ def measure_latency(
     poll_seen = {int(k): v for k, v in json.loads(poll_out.strip().splitlines()[-1]).items()}
     watcher.stop()
     conn.close()
-    kill_own([g for g, _ in rows], user.uid)
+    _users.kill_own([g for g, _ in rows], user.uid, UID_LOW)
     ev_ms, wall_ms, poll_ms = [], [], []
     missed_ev = missed_poll = 0
     for g, t0 in rows:
@@ -453,7 +409,7 @@ def main() -> int:
             "ran meanwhile (the machine is shared), so 'idle' means no load of ours."
         )
     finally:
-        remove_users(made)
+        _users.remove_users(made, UID_LOW)
     return 0
 
 
