@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.fixtures.users import daemon_as, wait_for_pid
+from tests.fixtures.users import daemon_as, setsid_as, wait_for_pid
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -29,8 +29,19 @@ def scan(policy: str) -> dict[int, dict]:
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     for row in rows:  # every row carries the documented fields
-        for key in ("pid", "starttime", "ppid", "uid", "user", "comm", "class", "rule",
-                    "action", "job", "reason"):
+        for key in (
+            "pid",
+            "starttime",
+            "ppid",
+            "uid",
+            "user",
+            "comm",
+            "class",
+            "rule",
+            "action",
+            "job",
+            "reason",
+        ):
             assert key in row, (key, row)
     return {row["pid"]: row for row in rows}
 
@@ -82,11 +93,7 @@ def test_cluster_processes_are_classified(cluster, make_user, policy_file):
     spoof = daemon_as(bob, "slurmstepd")
     subprocess.run(["cp", "/usr/bin/sleep", f"{bob.home}/sshd"], check=True)
     subprocess.run(["chown", f"{bob.uid}:{bob.gid}", f"{bob.home}/sshd"], check=True)
-    subprocess.run(
-        ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
-         "setsid", "-f", f"{bob.home}/sshd", "601"],
-        check=True,
-    )
+    setsid_as(bob, f"exec {bob.home}/sshd 601")
     copied = wait_for_pid(bob.uid, f"{bob.home}/sshd")
     # the whitelisted admin logs in without a job (pam_access lets them through).
     cluster.allow_ssh_without_job(admin)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.users import User, alive, daemon_as, wait_dead, wait_for_pid
+from tests.fixtures.users import User, alive, daemon_as, setsid_as, wait_dead, wait_for_pid
 
 pytestmark = pytest.mark.root
 
@@ -45,21 +45,7 @@ def sweep(policy: Path, *uids: int, extra: tuple[str, ...] = ()) -> subprocess.C
 
 def stray_tree(user: User, name: str) -> tuple[int, int]:
     """A double-forked daemon with a child: (daemon pid, child pid)."""
-    subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={user.uid}",
-            f"--regid={user.gid}",
-            "--init-groups",
-            "setsid",
-            "-f",
-            "bash",
-            "-c",
-            f"(exec -a {name}_child sleep 600) & exec -a {name} sleep 600",
-        ],
-        cwd=user.home,
-        check=True,
-    )
+    setsid_as(user, f"(exec -a {name}_child sleep 600) & exec -a {name} sleep 600")
     return wait_for_pid(user.uid, name), wait_for_pid(user.uid, f"{name}_child")
 
 
@@ -131,20 +117,7 @@ def test_dry_run_touches_nothing(tmp_path, make_user):
 def test_term_ignoring_stray_dies_after_grace(tmp_path, make_user):
     bob = make_user("prst")
     policy = write_policy(tmp_path)
-    subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={bob.uid}",
-            f"--regid={bob.gid}",
-            "--init-groups",
-            "setsid",
-            "-f",
-            "bash",
-            "-c",
-            "trap '' TERM; exec -a stubborn sleep 600",
-        ],
-        check=True,
-    )
+    setsid_as(bob, "trap '' TERM; exec -a stubborn sleep 600")
     pid = wait_for_pid(bob.uid, "stubborn")
     t0 = time.monotonic()
     r = sweep(policy, bob.uid)
