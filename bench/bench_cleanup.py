@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 
-from pruned.fswalk import Guards, remove_owned_files, remove_tree
+from pruned.linux.fdwalk import Guards, remove_owned_files, remove_tree
 
 TOOLS = ("find -uid -delete", "rm -rf", "pruned remove_owned_files", "pruned remove_tree")
 

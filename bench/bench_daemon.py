@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import _users  # noqa: E402
 from _users import User, as_user  # noqa: E402
 
-from pruned.events import EventWatcher, probe  # noqa: E402
+from pruned.linux.connector import EventWatcher, probe  # noqa: E402
 
 UID_LOW, UID_HIGH = 55000, 59999  # away from the fixtures' and the other benches' ranges
 EX_NOPERM, EX_UNAVAILABLE = 77, 69

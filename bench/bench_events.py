@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 import _users  # noqa: E402
 from _users import User, as_user  # noqa: E402
 
-from pruned.events import EventWatcher, ProcConnector, ProcEvent, probe  # noqa: E402
+from pruned.linux.connector import EventWatcher, ProcConnector, ProcEvent, probe  # noqa: E402
 
 UID_LOW, UID_HIGH = 50000, 54999  # away from the fixtures' 30000-39999 and bench_snapshot's
 EX_NOPERM, EX_UNAVAILABLE = 77, 69

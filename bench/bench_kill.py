@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
-from pruned.actions import kill_many, kill_tree
+from pruned.act.kill import kill_many, kill_tree
 from pruned.model import ProcKey
 from tests.fixtures.users import User, UserFactory, run_as
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from pruned.procfs import snapshot  # noqa: E402
+from pruned.linux.procfs import snapshot  # noqa: E402
 
 UID_LOW, UID_HIGH = 40000, 49999  # away from the test fixtures' 30000-39999
 SLEEP_SECONDS = 3600  # the sleepers expire on their own if everything else fails
@@ -41,15 +41,15 @@ EX_USAGE, EX_NOPERM = 64, 77
 
 
 def _classify_fn() -> tuple[Callable[[object], int], str]:
-    """pruned.classify.classify if it exists and runs on an empty job view, else a stand-in."""
+    """pruned.rules.classify.classify if it runs on an empty job view, else a stand-in."""
     try:
-        from pruned.classify import classify  # type: ignore[attr-defined]
         from pruned.model import JobView, Policy
+        from pruned.rules.classify import classify  # type: ignore[attr-defined]
 
         jobs, policy = JobView(jobs={}, membership={}), Policy()
         extra: tuple[object, ...] = (jobs, policy)
         if len(inspect.signature(classify).parameters) >= 4:  # (snap, jobs, policy, facts)
-            from pruned.config import resolve_facts  # type: ignore[attr-defined]
+            from pruned.policy.load import resolve_facts  # type: ignore[attr-defined]
 
             extra += (resolve_facts(policy),)
         classify(snapshot(), *extra)
@@ -57,10 +57,10 @@ def _classify_fn() -> tuple[Callable[[object], int], str]:
         def real(snap: object) -> int:
             return len(classify(snap, *extra))
 
-        return real, "pruned.classify.classify (empty job view, default policy)"
+        return real, "pruned.rules.classify.classify (empty job view, default policy)"
     except Exception as e:
         why = f"{type(e).__name__}: {e}".splitlines()[0][:80]
-        return stand_in, f"stand-in loop (pruned.classify not usable: {why})"
+        return stand_in, f"stand-in loop (pruned.rules.classify not usable: {why})"
 
 
 def stand_in(snap: object) -> int:

@@ -16,12 +16,12 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from . import __version__
-from .classify import ancestry
-from .config import PolicyError, default_policy_path, load_policy, resolve_facts
-from .exitcodes import EX_CONFIG, EX_FAILED, EX_NOPERM, EX_OK, EX_SOFTWARE, EX_USAGE
-from .model import Action, Decision, Policy, ProcClass
-from .users import user_label, user_name
+from pruned import __version__
+from pruned.exitcodes import EX_CONFIG, EX_FAILED, EX_NOPERM, EX_OK, EX_SOFTWARE, EX_USAGE
+from pruned.linux.users import user_label, user_name
+from pruned.model import Action, Decision, Policy, ProcClass
+from pruned.policy.load import PolicyError, default_policy_path, load_policy, resolve_facts
+from pruned.rules.classify import ancestry
 
 
 class UsageError(Exception):
@@ -101,7 +101,7 @@ def _print_notes(obs) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .sweep import observe
+    from pruned.sweep import observe
 
     policy = load(args.policy)
     obs = observe(policy, resolve_facts(policy))
@@ -138,8 +138,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from . import procfs
-    from .sweep import observe
+    from pruned.linux import procfs
+    from pruned.sweep import observe
 
     policy = load(args.policy)
     obs = observe(policy, resolve_facts(policy))
@@ -218,7 +218,7 @@ def _need_root(what: str) -> None:
 
 
 def _sink(policy: Policy):
-    from .audit import default_fallback_path, make_sink
+    from pruned.act.audit import default_fallback_path, make_sink
 
     return make_sink(policy.audit_fallback or default_fallback_path())
 
@@ -243,7 +243,7 @@ def _loop(interval: float, once: bool, fn) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from pruned.sweep import run_sweep
 
     policy = load(args.policy)
     dry = True if args.dry_run else None
@@ -268,7 +268,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .filesweep import run_clean
+    from pruned.filesweep import run_clean
 
     policy = load(args.policy)
     dry = True if args.dry_run else None
@@ -286,7 +286,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .service import run_daemon
+    from pruned.service import run_daemon
 
     _need_root("the daemon")
     return run_daemon(args.policy or default_policy_path(), uids=args.uids)
@@ -310,7 +310,7 @@ def _job_args(args: argparse.Namespace) -> tuple[str, int, str | None]:
 
 
 def cmd_prolog(args: argparse.Namespace) -> int:
-    from .epilog import run_prolog
+    from pruned.epilog import run_prolog
 
     policy = load(args.policy)
     _need_root("prolog")
@@ -319,7 +319,7 @@ def cmd_prolog(args: argparse.Namespace) -> int:
 
 
 def cmd_epilog(args: argparse.Namespace) -> int:
-    from .epilog import run_epilog
+    from pruned.epilog import run_epilog
 
     policy = load(args.policy)
     dry = args.dry_run or policy.dry_run  # mode: report reports here too

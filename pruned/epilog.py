@@ -15,16 +15,18 @@ import signal
 import time
 from collections.abc import Callable, Collection
 
-from . import actions, cleanup, fswalk
-from .audit import AuditSink
-from .config import resolve_facts
-from .decide import SweepPlan, apply_brake, rail
-from .exitcodes import EX_FAILED, EX_OK
-from .filesweep import file_outcome_record
-from .jobs import end_job_record, write_job_record
-from .model import Action, Decision, Policy, ProcClass, Result
-from .state import JobHistory, JobRecord
-from .sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id, observe
+from pruned.act import kill as actions
+from pruned.act.audit import AuditSink
+from pruned.exitcodes import EX_FAILED, EX_OK
+from pruned.filesweep import file_outcome_record
+from pruned.jobs.history import JobHistory, JobRecord
+from pruned.jobs.slurm import end_job_record, write_job_record
+from pruned.linux import fdwalk as fswalk
+from pruned.model import Action, Decision, Policy, ProcClass, Result
+from pruned.policy.load import resolve_facts
+from pruned.rules import cleanplan as cleanup
+from pruned.rules.decide import SweepPlan, apply_brake, rail
+from pruned.sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id, observe
 
 JOB_ENV_KEYS = (b"SLURM_JOB_ID", b"SLURM_JOBID", b"PBS_JOBID")
 EPILOG_SLACK = 30.0  # seconds beyond the kill grace before the epilog gives up (bounded time)

@@ -6,16 +6,16 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from . import procfs
-from .audit import AuditRecord, AuditSink, event_record, files_record
-from .cleanup import CleanupPlan, plan_cleanup
-from .config import NodeFacts
-from .fswalk import CleanupOutcome, container_nodes, execute_cleanup
-from .jobs import read_jobs
-from .model import JobView, Policy, Result
-from .state import JobHistory
-from .sweep import make_sources, new_sweep_id
-from .users import user_name
+from pruned.act.audit import AuditRecord, AuditSink, event_record, files_record
+from pruned.jobs.history import JobHistory
+from pruned.jobs.slurm import read_jobs
+from pruned.linux import procfs
+from pruned.linux.fdwalk import CleanupOutcome, container_nodes, execute_cleanup
+from pruned.linux.users import user_name
+from pruned.model import JobView, Policy, Result
+from pruned.policy.load import NodeFacts
+from pruned.rules.cleanplan import CleanupPlan, plan_cleanup
+from pruned.sweep import make_sources, new_sweep_id
 
 
 def file_outcome_record(

@@ -19,12 +19,13 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from functools import lru_cache
 
-from . import actions, procfs
-from .classify import classify
-from .decide import SweepPlan, apply_brake, decide
-from .jobs import parse_slurm_cgroup_path
-from .model import Action, JobView, Membership, Policy, Proc, Snapshot
-from .sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id
+from pruned.act import kill as actions
+from pruned.jobs.slurm import parse_slurm_cgroup_path
+from pruned.linux import procfs
+from pruned.model import Action, JobView, Membership, Policy, Proc, Snapshot
+from pruned.rules.classify import classify
+from pruned.rules.decide import SweepPlan, apply_brake, decide
+from pruned.sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id
 
 MAX_ANCESTRY = 256
 _boot_time = lru_cache(maxsize=4)(procfs.boot_time)  # constant while the machine is up

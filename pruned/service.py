@@ -27,17 +27,18 @@ from collections.abc import Collection
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import events
-from .audit import AuditSink, event_record, make_sink
-from .config import NodeFacts, PolicyError, load_policy, resolve_facts
-from .exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
-from .filesweep import CleanReport, learn_jobs, run_clean
-from .jobs import read_jobs
-from .metrics import SweepMetrics, render, write_atomic
-from .model import JobView, Policy, Result
-from .reactor import Reactor
-from .state import JobHistory
-from .sweep import SweepReport, make_sources, observe, run_sweep
+from pruned.act.audit import AuditSink, event_record, make_sink
+from pruned.act.metrics import SweepMetrics, render
+from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
+from pruned.filesweep import CleanReport, learn_jobs, run_clean
+from pruned.jobs.history import JobHistory
+from pruned.jobs.slurm import read_jobs
+from pruned.linux import connector as events
+from pruned.linux.atomic import write_atomic
+from pruned.model import JobView, Policy, Result
+from pruned.policy.load import NodeFacts, PolicyError, load_policy, resolve_facts
+from pruned.reactor import Reactor
+from pruned.sweep import SweepReport, make_sources, observe, run_sweep
 
 
 def sd_notify(message: str) -> bool:
@@ -179,7 +180,7 @@ class Daemon:
         try:
             with self.metrics_lock:  # render() iterates what other threads update
                 text = render(self.sweeps, self.totals)
-            write_atomic(path, text)
+            write_atomic(path, text.encode(), 0o644, durable=False)
         except OSError as e:
             print(f"pruned: cannot write metrics {path}: {e.strerror}", file=sys.stderr)
 

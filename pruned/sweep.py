@@ -15,13 +15,18 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from . import actions, procfs
-from .audit import AuditSink, event_record, record_for_outcome, summary_record, tally
-from .classify import classify, resolved
-from .config import NodeFacts
-from .decide import SweepPlan, decide
-from .jobs import JobSource, SlurmCgroupSource, StateDirSource, parse_slurm_cgroup_path, read_jobs
-from .model import (
+from pruned.act import kill as actions
+from pruned.act.audit import AuditSink, event_record, record_for_outcome, summary_record, tally
+from pruned.jobs.slurm import (
+    JobSource,
+    SlurmCgroupSource,
+    StateDirSource,
+    parse_slurm_cgroup_path,
+    read_jobs,
+)
+from pruned.linux import procfs
+from pruned.linux.users import user_name
+from pruned.model import (
     Action,
     Decision,
     JobView,
@@ -33,7 +38,9 @@ from .model import (
     Snapshot,
     Verdict,
 )
-from .users import user_name
+from pruned.policy.load import NodeFacts
+from pruned.rules.classify import classify, resolved
+from pruned.rules.decide import SweepPlan, decide
 
 
 def make_sources(policy: Policy) -> list[JobSource]:

@@ -1,0 +1,275 @@
+"""Classification: every process -> exactly one class, with the rule and evidence that decided it.
+
+PURE: works only on the snapshot, the job view, the policy and resolved node facts. The first
+rule that holds wins, in this order: system, batch, adopted, whitelisted, stray.
+
+Trust: a batch daemon or sshd listener is recognised only by real uid 0 *and* its executable
+path (/proc/PID/exe). comm and argv are never trusted: any user can set them (prctl, exec -a),
+and a user can copy a binary anywhere, but cannot make a process with real uid 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from typing import Protocol
+
+from pruned.jobs.slurm import exe_paths, root_exe_matches
+from pruned.model import UID_RAIL, JobView, Membership, Policy, Proc, ProcClass, Snapshot, Verdict
+
+DELETED = " (deleted)"  # readlink of /proc/PID/exe after the binary was replaced on disk
+
+
+class Facts(Protocol):
+    """What the classifier needs beyond /proc, resolved by config (config.NodeFacts)."""
+
+    @property
+    def system_ranges(self) -> tuple[tuple[int, int], ...]: ...
+    @property
+    def whitelist_uids(self) -> frozenset[int]: ...
+
+
+def exe_in(proc: Proc, paths: Iterable[str]) -> bool:
+    """True when proc's executable is one of `paths` (a root daemon upgraded in place counts)."""
+    if proc.exe is None:
+        return False
+    exe = proc.exe.removesuffix(DELETED)
+    return exe in paths
+
+
+@lru_cache(maxsize=32)
+def resolved(paths: tuple[str, ...]) -> frozenset[str]:
+    """The configured exe paths plus their symlink targets (jobs.exe_paths), cached.
+
+    The event path classifies many small batches; resolving symlinks for each one cost ~15%
+    of a batch. Every full observation (sweep.observe) clears the cache, so a changed link
+    (an alternatives switch) is seen by the next sweep.
+    """
+    return exe_paths(paths)
+
+
+def is_genuine_root(proc: Proc) -> bool:
+    """Real (and effective, when known) uid 0: nothing a user can fake."""
+    return proc.uid == 0 and proc.uid_exact and proc.euid in (0, None) and not proc.zombie
+
+
+def in_ranges(uid: int, ranges: Iterable[tuple[int, int]]) -> bool:
+    for lo, hi in ranges:  # noqa: SIM110 - a plain loop: runs once per process per sweep
+        if lo <= uid <= hi:
+            return True
+    return False
+
+
+# Verdicts that carry nothing process-specific are shared: classifying 20,000 processes
+# should not build 20,000 identical frozen records.
+_KERNEL = Verdict(ProcClass.SYSTEM, "system.kernel", "kernel thread: never touched")
+_INIT = Verdict(ProcClass.SYSTEM, "system.kernel", "init: never touched")
+_STRAY = Verdict(
+    ProcClass.STRAY,
+    "stray.default",
+    "no running job cgroup, no batch-daemon ancestor, not an ssh session, not whitelisted",
+)
+
+
+def classify(snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> dict[int, Verdict]:
+    """Classify every process of the snapshot. Returns pid -> Verdict."""
+    return _Classifier(snap, jobs, policy, facts).run()
+
+
+def classify_one(pid: int, snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> Verdict:
+    """Classify one process of the snapshot (same rules as classify)."""
+    return _Classifier(snap, jobs, policy, facts).verdict(snap.procs[pid])
+
+
+class _Classifier:
+    def __init__(self, snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> None:
+        self.procs = snap.procs
+        self.jobs = jobs
+        self.policy = policy
+        self.facts = facts
+        self.daemons = resolved((*policy.batch_daemons, *policy.slurm.stepd))
+        self.sshd = resolved(policy.sshd_paths)
+        self.wl_exe = resolved(policy.whitelist.exe)
+        # memo: pid -> pid of the nearest genuine batch-daemon ancestor (or None)
+        self._daemon_anc: dict[int, int | None] = {}
+        self._sshd_anc: dict[int, int | None] = {}
+        self._uid_verdicts: dict[tuple[int, str], Verdict] = {}
+
+    def run(self) -> dict[int, Verdict]:
+        return {pid: self.verdict(p) for pid, p in self.procs.items()}
+
+    # ---------------------------------------------------------------- lineage
+
+    def _nearest(self, pid: int, memo: dict[int, int | None], test) -> int | None:
+        """Nearest strict ancestor of pid for which test(proc) holds; memoised, cycle-safe."""
+        chain: list[int] = []
+        seen: set[int] = set()
+        cur = self.procs[pid].ppid if pid in self.procs else 0
+        found: int | None = None
+        while cur > 0 and cur not in seen:
+            if cur in memo:
+                found = memo[cur] if not self._self_match(cur, test) else cur
+                break
+            seen.add(cur)
+            proc = self.procs.get(cur)
+            if proc is None:
+                break
+            if test(proc):
+                found = cur
+                break
+            chain.append(cur)
+            cur = proc.ppid
+        # every process on the walked chain has the same nearest matching ancestor
+        for c in chain:
+            memo[c] = found
+        return found
+
+    def _self_match(self, pid: int, test) -> bool:
+        proc = self.procs.get(pid)
+        return proc is not None and test(proc)
+
+    def _is_daemon(self, proc: Proc) -> bool:
+        return is_genuine_root(proc) and root_exe_matches(proc.exe, self.daemons)
+
+    def _is_root_sshd(self, proc: Proc) -> bool:
+        return is_genuine_root(proc) and root_exe_matches(proc.exe, self.sshd)
+
+    def daemon_ancestor(self, pid: int) -> int | None:
+        return self._nearest(pid, self._daemon_anc, self._is_daemon)
+
+    def sshd_ancestor(self, pid: int) -> int | None:
+        return self._nearest(pid, self._sshd_anc, self._is_root_sshd)
+
+    # ---------------------------------------------------------------- rules
+
+    def verdict(self, p: Proc) -> Verdict:
+        v = self._system(p)
+        if v:
+            return v
+        member = self.jobs.membership.get(p.pid)
+        v = self._batch(p, member) or self._adopted(p, member) or self._whitelisted(p, member)
+        if v:
+            return v
+        return self._stray(p, member)
+
+    def _system(self, p: Proc) -> Verdict | None:
+        if p.pid in (1, 2) or p.kthread or p.ppid == 2:
+            return _INIT if p.pid == 1 else _KERNEL
+        if p.uid < UID_RAIL:
+            return self._per_uid(p.uid, "system.uid_rail")
+        if in_ranges(p.uid, self.facts.system_ranges):
+            return self._per_uid(p.uid, "system.service_account")
+        return None
+
+    def _per_uid(self, uid: int, rule: str) -> Verdict:
+        """One shared verdict per (uid, rule): built once per sweep, not once per process."""
+        v = self._uid_verdicts.get((uid, rule))
+        if v is None:
+            reason = (
+                f"uid {uid} < {UID_RAIL}: system rail no policy can lower"
+                if rule == "system.uid_rail"
+                else f"uid {uid} is a service account (policy system ranges/users)"
+            )
+            v = self._uid_verdicts[(uid, rule)] = Verdict(ProcClass.SYSTEM, rule, reason)
+        return v
+
+    def _job_evidence(self, member: Membership) -> tuple[str, ...]:
+        job = self.jobs.jobs.get(member.job_id)
+        lines = [f"cgroup {member.cgroup}"]
+        if job is not None:
+            state = "running" if job.running else f"NOT running ({job.why_not_running or 'gone'})"
+            lines.append(f"job {job.job_id} {state}, uid {job.uid}, source {job.source}")
+        else:
+            lines.append(f"job {member.job_id} unknown to the job source")
+        return tuple(lines)
+
+    def _job_running(self, member: Membership | None) -> bool:
+        if member is None:
+            return False
+        job = self.jobs.jobs.get(member.job_id)
+        return job is not None and job.running
+
+    def _batch(self, p: Proc, member: Membership | None) -> Verdict | None:
+        if member is not None and member.step != "extern" and self._job_running(member):
+            step = member.step or "job level"
+            return Verdict(
+                ProcClass.BATCH,
+                "batch.job_cgroup",
+                f"in running job {member.job_id}'s cgroup ({step})",
+                job_id=member.job_id,
+                evidence=self._job_evidence(member),
+            )
+        anc = self.daemon_ancestor(p.pid)
+        if anc is not None:
+            d = self.procs[anc]
+            job = member.job_id if member is not None else None
+            return Verdict(
+                ProcClass.BATCH,
+                "batch.daemon_lineage",
+                f"descends from batch daemon pid {anc} ({d.exe}, uid 0)",
+                job_id=job,
+                decider=anc,
+                evidence=(f"ancestor {anc} exe={d.exe} uid=0 comm={d.comm!r}",),
+            )
+        return None
+
+    def _adopted(self, p: Proc, member: Membership | None) -> Verdict | None:
+        if member is not None and member.step == "extern" and self._job_running(member):
+            return Verdict(
+                ProcClass.ADOPTED,
+                "adopted.extern",
+                f"in running job {member.job_id}'s extern step",
+                job_id=member.job_id,
+                evidence=self._job_evidence(member),
+            )
+        return None
+
+    def _whitelisted(self, p: Proc, member: Membership | None) -> Verdict | None:
+        wl = self.policy.whitelist
+        if p.uid in self.facts.whitelist_uids:
+            return Verdict(
+                ProcClass.WHITELISTED,
+                "whitelist.user",
+                f"uid {p.uid} is whitelisted (whitelist.users/groups)",
+            )
+        if self.wl_exe and exe_in(p, self.wl_exe):
+            return Verdict(
+                ProcClass.WHITELISTED, "whitelist.exe", f"executable {p.exe} is whitelisted"
+            )
+        # A session left inside the cgroup of a job that ended belonged to that job:
+        # pam_slurm_adopt put it there, so it goes with the job rather than with sshd.
+        if wl.sshd and member is None:
+            anc = self.sshd_ancestor(p.pid)
+            if anc is not None:
+                a = self.procs[anc]
+                return Verdict(
+                    ProcClass.WHITELISTED,
+                    "whitelist.sshd",
+                    f"in an ssh session under root sshd pid {anc} ({a.exe})",
+                    decider=anc,
+                    evidence=(f"ancestor {anc} exe={a.exe} uid=0 comm={a.comm!r}",),
+                )
+        return None
+
+    def _stray(self, p: Proc, member: Membership | None) -> Verdict:
+        if member is not None:
+            return Verdict(
+                ProcClass.STRAY,
+                "stray.ended_job",
+                f"sits in the cgroup of job {member.job_id}, which is not running",
+                job_id=member.job_id,
+                evidence=self._job_evidence(member),
+            )
+        return _STRAY
+
+
+def ancestry(pid: int, procs: Mapping[int, Proc], limit: int = 64) -> list[Proc]:
+    """pid and its ancestors, nearest first (for explain)."""
+    out: list[Proc] = []
+    seen: set[int] = set()
+    cur = pid
+    while cur in procs and cur not in seen and len(out) < limit:
+        seen.add(cur)
+        out.append(procs[cur])
+        cur = procs[cur].ppid
+    return out

@@ -1,0 +1,210 @@
+"""`pruned sweep` on real processes of users the fixture made (always scoped with --uid).
+
+A stray tree dies; batch (below a root batch daemon), whitelisted and system-uid processes of
+the same scope live; a TERM-ignoring stray dies after the grace; the brake and an unreadable
+job source stop every kill; the audit trail lands in journald or, without it, in the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.paths import REPO
+from tests.fixtures.users import User, alive, daemon_as, setsid_as, wait_dead, wait_for_pid
+
+pytestmark = pytest.mark.root
+
+
+def write_policy(tmp: Path, body: str = "", *, state: bool = True) -> Path:
+    state_dir = tmp / "state"
+    if state:
+        (state_dir / "jobs").mkdir(parents=True, mode=0o700, exist_ok=True)
+        state_dir.chmod(0o700)
+    p = tmp / "policy.yaml"
+    p.write_text(
+        "version: 1\nmode: enforce\nmin_age: 0s\nevents: false\n"
+        f"kill:\n  grace: 2s\n  max_per_sweep: 50\n"
+        f"jobs:\n  sources: [statedir]\n  state_dir: {state_dir}\n"
+        f"audit:\n  fallback_file: {tmp}/audit.jsonl\n"
+        "cleanup:\n  enabled: false\n" + body
+    )
+    return p
+
+
+def sweep(policy: Path, *uids: int, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "pruned.cli", "sweep", "--once", "--policy", str(policy)]
+    argv += ["--uid", *map(str, uids), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def stray_tree(user: User, name: str) -> tuple[int, int]:
+    """A double-forked daemon with a child: (daemon pid, child pid)."""
+    setsid_as(user, f"(exec -a {name}_child sleep 600) & exec -a {name} sleep 600")
+    return wait_for_pid(user.uid, name), wait_for_pid(user.uid, f"{name}_child")
+
+
+@pytest.fixture
+def fake_mom(tmp_path):
+    """A root-owned batch daemon known by its exe path (a copy of bash), with a user's job."""
+    exe = tmp_path / "fake_mom"
+    shutil.copy("/usr/bin/bash", exe)
+    exe.chmod(0o755)
+    return exe
+
+
+def test_stray_tree_dies_and_others_live(tmp_path, make_user, fake_mom):
+    bob, carol, svc = make_user("prsb"), make_user("prsc"), make_user("prss")
+    policy = write_policy(
+        tmp_path,
+        f"batch_daemons: [{fake_mom}]\n"
+        f"whitelist:\n  users: [{carol.name}]\n"
+        f"system:\n  uid_ranges: ['{svc.uid}']\n",
+    )
+    stray, child = stray_tree(bob, "bob_stray")
+    # batch: bob's job below a root-owned daemon identified by its exe path
+    mom = subprocess.Popen(
+        [
+            str(fake_mom),
+            "-c",
+            f"setpriv --reuid={bob.uid} --regid={bob.gid} --init-groups "
+            f"bash -c 'exec -a bob_job sleep 600' & wait",
+        ],
+        start_new_session=True,
+    )
+    job = wait_for_pid(bob.uid, "bob_job")
+    spoof = daemon_as(bob, "fake_mom")  # the daemon's name, but bob's process
+    admin = daemon_as(carol, "carol_tool")
+    service = daemon_as(svc, "svc_daemon")
+    try:
+        r = sweep(policy, bob.uid, carol.uid, svc.uid)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert wait_dead([stray, child, spoof]), r.stdout
+        assert alive(job) and alive(admin) and alive(service) and alive(mom.pid)
+        assert "done    kill   pid" in r.stdout
+        records = (
+            [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+            if (tmp_path / "audit.jsonl").exists()
+            else []
+        )
+        # with journald up the records are there; without it, in the fallback file
+        if records:
+            killed = {
+                int(x["PRUNED_PID"]) for x in records if x.get("PRUNED_EVENT") == "process_killed"
+            }
+            assert {stray, child, spoof} <= killed
+    finally:
+        mom.kill()
+        mom.wait()
+
+
+def test_dry_run_touches_nothing(tmp_path, make_user):
+    bob = make_user("prsd")
+    policy = write_policy(tmp_path)
+    stray, child = stray_tree(bob, "bob_dry")
+    r = sweep(policy, bob.uid, extra=("--dry-run",))
+    assert r.returncode == 0, r.stderr
+    assert "would   kill" in r.stdout
+    time.sleep(0.3)
+    assert alive(stray) and alive(child)
+
+
+def test_term_ignoring_stray_dies_after_grace(tmp_path, make_user):
+    bob = make_user("prst")
+    policy = write_policy(tmp_path)
+    setsid_as(bob, "trap '' TERM; exec -a stubborn sleep 600")
+    pid = wait_for_pid(bob.uid, "stubborn")
+    t0 = time.monotonic()
+    r = sweep(policy, bob.uid)
+    assert wait_dead([pid]), r.stdout
+    assert time.monotonic() - t0 >= 2.0  # it outlived SIGTERM for the whole grace
+    assert "SIGKILL" in r.stdout
+
+
+def test_brake_trips_and_kills_nothing(tmp_path, make_user):
+    bob = make_user("prsk")
+    policy = write_policy(tmp_path)
+    policy.write_text(policy.read_text().replace("max_per_sweep: 50", "max_per_sweep: 1"))
+    pids = [*stray_tree(bob, "bob_b1"), *stray_tree(bob, "bob_b2")]
+    r = sweep(policy, bob.uid)
+    assert "mass-kill brake" in r.stdout + r.stderr
+    time.sleep(0.3)
+    assert all(alive(p) for p in pids)
+
+
+def test_unreadable_job_source_is_report_only(tmp_path, make_user):
+    bob = make_user("prsr")
+    policy = write_policy(tmp_path, state=False)  # the statedir does not exist
+    pids = stray_tree(bob, "bob_ro")
+    r = sweep(policy, bob.uid)
+    assert "REPORT-ONLY" in r.stdout, r.stdout
+    time.sleep(0.3)
+    assert all(alive(p) for p in pids)
+
+
+def test_audit_fields_in_real_journald(tmp_path, make_user, journald):
+    bob = make_user("prsj")
+    policy = write_policy(tmp_path)
+    pid, child = stray_tree(bob, "bob_journal")
+    r = sweep(policy, bob.uid)
+    assert wait_dead([pid, child]), r.stdout
+    recs = journald.wait_records(PRUNED_PID=str(pid), SYSLOG_IDENTIFIER="pruned")
+    rec = recs[-1]
+    for key in (
+        "PRUNED_EVENT",
+        "PRUNED_PID",
+        "PRUNED_STARTTIME",
+        "PRUNED_UID",
+        "PRUNED_USER",
+        "PRUNED_COMM",
+        "PRUNED_CLASS",
+        "PRUNED_RULE",
+        "PRUNED_ACTION",
+        "PRUNED_RESULT",
+        "PRUNED_SWEEP_ID",
+        "PRUNED_DRY_RUN",
+        "MESSAGE_ID",
+        "PRIORITY",
+        "MESSAGE",
+    ):
+        assert key in rec, key
+    assert rec["PRUNED_EVENT"] == "process_killed" and rec["PRUNED_RESULT"] == "done"
+    assert rec["PRUNED_USER"] == bob.name and rec["PRIORITY"] == "5"
+    assert f"pid {pid}" in rec["MESSAGE"] and "stray.default" in rec["MESSAGE"]
+    summary = journald.wait_records(
+        PRUNED_SWEEP_ID=rec["PRUNED_SWEEP_ID"], PRUNED_EVENT="sweep_summary"
+    )
+    assert summary
+
+
+def test_audit_falls_back_without_journald(tmp_path, make_user):
+    """In a mount namespace with no journal socket the records land in the fallback file."""
+    bob = make_user("prsf")
+    policy = write_policy(tmp_path)
+    pid, _child = stray_tree(bob, "bob_nojournal")
+    empty = tmp_path / "nojournal"
+    empty.mkdir()
+    # /run/systemd exists on every systemd-based node; hiding it hides the journal socket.
+    cmd = (
+        f"mount --bind {empty} /run/systemd && "
+        f"exec {sys.executable} -m pruned.cli sweep --once --policy {policy} --uid {bob.uid}"
+    )
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
+    assert r.returncode == 0, r.stderr
+    assert wait_dead([pid])
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    mine = [x for x in lines if x.get("PRUNED_PID") == str(pid)]
+    assert mine and mine[0]["PRUNED_EVENT"] == "process_killed"
+    assert mine[0]["SYSLOG_IDENTIFIER"] == "pruned" and "PRUNED_FALLBACK_REASON" in mine[0]

@@ -1,0 +1,166 @@
+"""JobHistory: transitions, epilog marks, crash-safe persistence, permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from pruned.jobs.history import HISTORY_FILE, JobHistory, JobRecord
+from pruned.linux.atomic import write_json_atomic
+from pruned.model import Job, JobView
+
+
+def _view(*jobs: Job, problems: tuple[str, ...] = ()) -> JobView:
+    return JobView(jobs={j.job_id: j for j in jobs}, membership={}, problems=problems)
+
+
+def _job(job_id: str, uid: int | None = 30001, running: bool = True, start: float = 100.0) -> Job:
+    return Job(job_id, uid, start, "slurm", running)
+
+
+def test_observe_records_and_ends_jobs(tmp_path) -> None:
+    h = JobHistory.load(str(tmp_path / "state"))
+    assert h.records() == [] and h.problems == []
+    assert h.observe(_view(_job("1"), _job("2", uid=30002, start=150.0)), now=200.0) == []
+    assert [r.job_id for r in h.records()] == ["1", "2"]
+    assert h.ended() == [] and h.last_end_for(30001) is None
+    # Job 1 is now present but not running (crashed step), job 2 still runs.
+    ended = h.observe(_view(_job("1", running=False), _job("2", uid=30002)), now=300.0)
+    assert ended == [JobRecord("1", 30001, 100.0, 300.0, None, "slurm")]
+    # Job 2 is gone from the view altogether.
+    assert h.observe(_view(), now=400.0) == [JobRecord("2", 30002, 150.0, 400.0, None, "slurm")]
+    assert [r.job_id for r in h.ended()] == ["1", "2"]
+    assert h.last_end_for(30001) == 300.0 and h.last_end_for(30002) == 400.0
+    assert h.observe(_view(), now=500.0) == []  # ending is reported once
+
+
+def test_a_view_with_problems_never_ends_jobs(tmp_path) -> None:
+    h = JobHistory(str(tmp_path))
+    h.observe(_view(_job("1")), now=1.0)
+    assert h.observe(_view(problems=("slurm: cannot read",)), now=2.0) == []
+    assert h.get("1").end is None
+    # It still records newly seen running jobs.
+    h.observe(_view(_job("3"), problems=("x",)), now=3.0)
+    assert h.get("3") is not None
+
+
+def test_unknown_uid_waits_and_reused_ids_start_over(tmp_path) -> None:
+    h = JobHistory(str(tmp_path))
+    h.observe(_view(_job("7", uid=None)), now=1.0)
+    assert h.get("7") is None  # a v2 job whose uid is not known yet
+    h.observe(_view(_job("7", uid=30001, start=5.0)), now=10.0)
+    h.observe(_view(), now=20.0)
+    assert h.get("7").end == 20.0
+    h.observe(_view(_job("7", uid=30009, start=50.0)), now=60.0)  # the id came back: a new job
+    assert h.get("7") == JobRecord("7", 30009, 50.0, None, None, "slurm")
+
+
+def test_mark_ended(tmp_path) -> None:
+    h = JobHistory(str(tmp_path))
+    h.observe(_view(_job("1")), now=10.0)
+    h.mark_ended("1", 30001, now=20.0)
+    assert h.get("1").end == 20.0
+    h.mark_ended("1", 30001, now=30.0)  # a later word keeps the first end
+    assert h.get("1").end == 20.0
+    h.mark_ended("2", 30002, now=40.0, start=35.0)  # never seen: the epilog's word is enough
+    assert h.get("2") == JobRecord("2", 30002, 35.0, 40.0, None, "epilog")
+    assert h.observe(_view(), now=50.0) == []  # already ended: not reported again
+    assert h.prune(older_than=30.0) == 1
+    assert [r.job_id for r in h.records()] == ["2"]
+
+
+def test_save_and_load_round_trip_with_modes(tmp_path) -> None:
+    sd = str(tmp_path / "state")
+    h = JobHistory(sd)
+    h.observe(_view(_job("1"), _job("2")), now=10.0)
+    h.mark_ended("2", 30001, now=11.0)
+    h.save()
+    assert os.stat(sd).st_mode & 0o777 == 0o700
+    assert os.stat(os.path.join(sd, HISTORY_FILE)).st_mode & 0o777 == 0o600
+    again = JobHistory.load(sd)
+    assert again.problems == [] and again.records() == h.records()
+    assert os.listdir(sd) == [HISTORY_FILE]  # no tmp file left behind
+
+
+def test_save_tightens_a_loose_state_dir(tmp_path) -> None:
+    sd = tmp_path / "state"
+    sd.mkdir(mode=0o755)
+    os.chmod(sd, 0o755)
+    JobHistory(str(sd)).save()
+    assert os.stat(sd).st_mode & 0o777 == 0o700
+
+
+def test_a_leftover_tmp_file_is_ignored_and_cleaned(tmp_path) -> None:
+    sd = str(tmp_path)
+    h = JobHistory(sd)
+    h.observe(_view(_job("1")), now=10.0)
+    h.save()
+    # A writer that crashed before its rename left half a file.
+    stale = os.path.join(sd, f".{HISTORY_FILE}.tmp.999.1")
+    with open(stale, "w") as f:
+        f.write('{"version": 1, "jobs": {"66": ')
+    young = os.path.join(sd, f".{HISTORY_FILE}.tmp.998.2")
+    with open(young, "w") as f:
+        f.write("{")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    loaded = JobHistory.load(sd)
+    assert loaded.problems == [] and [r.job_id for r in loaded.records()] == ["1"]
+    loaded.save()
+    assert not os.path.exists(stale)  # an old leftover is removed
+    assert os.path.exists(young)  # a young one may be a live writer's: kept
+
+
+def test_corrupt_history_is_kept_and_reported(tmp_path) -> None:
+    sd = str(tmp_path)
+    path = os.path.join(sd, HISTORY_FILE)
+    for junk in (
+        b'{"version": 1, "jobs": {"1": {"uid"',
+        b"\xff\xfe",
+        b'{"version": 99, "jobs": {}}',
+    ):
+        for name in os.listdir(sd):
+            os.unlink(os.path.join(sd, name))
+        with open(path, "wb") as f:
+            f.write(junk)
+        h = JobHistory.load(sd)
+        assert h.records() == []
+        assert len(h.problems) == 1 and "corrupt" in h.problems[0], h.problems
+        copies = [n for n in os.listdir(sd) if n.startswith(f"{HISTORY_FILE}.corrupt-")]
+        assert len(copies) == 1 and copies[0] in h.problems[0]
+        with open(os.path.join(sd, copies[0]), "rb") as f:
+            assert f.read() == junk
+        h.save()  # starting over works, and the copy stays for a human
+        assert JobHistory.load(sd).problems == []
+        assert os.path.exists(os.path.join(sd, copies[0]))
+
+
+def test_a_bad_record_is_dropped_not_fatal(tmp_path) -> None:
+    good = {"job_id": "1", "uid": 5, "start": 1.0, "end": None, "user": None, "source": "slurm"}
+    write_json_atomic(
+        os.path.join(tmp_path, HISTORY_FILE),
+        {"version": 1, "jobs": {"1": good, "2": {**good, "job_id": "2", "uid": -3}}},
+    )
+    h = JobHistory.load(str(tmp_path))
+    assert [r.job_id for r in h.records()] == ["1"]
+    assert len(h.problems) == 1 and "'2'" in h.problems[0] and "uid" in h.problems[0]
+
+
+def test_write_json_atomic_replaces_whole_files(tmp_path) -> None:
+    path = os.path.join(tmp_path, "f.json")
+    write_json_atomic(path, {"a": 1})
+    write_json_atomic(path, {"b": 2})
+    with open(path) as f:
+        assert json.load(f) == {"b": 2}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["f.json"]
+
+
+def test_a_running_job_whose_uid_became_unknown_is_not_ended(tmp_path) -> None:
+    """v2: an allocation with only the root extern sleep left has no uid, but still runs."""
+    h = JobHistory(str(tmp_path))
+    h.observe(JobView({"5": Job("5", 1001, 10.0, "slurm", True)}, {}), now=20.0)
+    assert h.observe(JobView({"5": Job("5", None, 10.0, "slurm", True)}, {}), now=30.0) == []
+    assert not h.get("5").ended
+    assert [r.job_id for r in h.observe(JobView({}, {}), now=40.0)] == ["5"]
