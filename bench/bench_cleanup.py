@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 
-from pruned.linux.fdwalk import Guards, remove_owned_files, remove_tree
+from pruned.linux.fdremove import remove_owned_files, remove_tree
+from pruned.linux.guards import Guards
 
 TOOLS = ("find -uid -delete", "rm -rf", "pruned remove_owned_files", "pruned remove_tree")
 

@@ -49,7 +49,7 @@ def _classify_fn() -> tuple[Callable[[object], int], str]:
         jobs, policy = JobView(jobs={}, membership={}), Policy()
         extra: tuple[object, ...] = (jobs, policy)
         if len(inspect.signature(classify).parameters) >= 4:  # (snap, jobs, policy, facts)
-            from pruned.policy.load import resolve_facts  # type: ignore[attr-defined]
+            from pruned.policy.facts import resolve_facts  # type: ignore[attr-defined]
 
             extra += (resolve_facts(policy),)
         classify(snapshot(), *extra)

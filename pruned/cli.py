@@ -20,7 +20,8 @@ from pruned import __version__
 from pruned.exitcodes import EX_CONFIG, EX_FAILED, EX_NOPERM, EX_OK, EX_SOFTWARE, EX_USAGE
 from pruned.linux.users import user_label, user_name
 from pruned.model import Action, Decision, Policy, ProcClass
-from pruned.policy.load import PolicyError, default_policy_path, load_policy, resolve_facts
+from pruned.policy.facts import resolve_facts
+from pruned.policy.load import PolicyError, default_policy_path, load_policy
 from pruned.rules.classify import ancestry
 
 
@@ -168,7 +169,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     m = obs.jobs.membership.get(pid)
     out.append("job lookup:")
     if m is not None:
-        job = obs.jobs.jobs.get(m.job_id)
+        job = obs.jobs.job(m.job_id)
         state = "unknown" if job is None else ("running" if job.running
                                               else f"not running: {job.why_not_running}")
         out.append(f"  member of job {m.job_id} step {m.step or '-'} via {m.cgroup}: {state}")

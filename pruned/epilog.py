@@ -1,105 +1,45 @@
 """One-shot prolog and epilog for the batch system.
 
-The epilog kills what the ended job left and removes its per-job directories:
-- when it was the uid's last job on this node: every stray process of the uid;
-- otherwise only what is tied to this job: members of its cgroups, and strays whose
-  environment names it (SLURM_JOB_ID / PBS_JOBID: a hint that only a process of the same uid
-  can forge, so a forgery can only hurt that user's own strays).
-Never: processes in another running job's cgroups, processes under a live batch daemon,
-whitelisted processes (admins, sshd sessions, whitelisted executables), system processes.
+The epilog observes the node like a sweep, picks the ended job's leftovers
+(pruned.rules.epilog says which), kills them through the same rails, brake and audit as a
+sweep, records the job as ended and removes its per-job directories. The prolog records a
+job start for the state-dir job source.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
-from pruned.act import kill as actions
 from pruned.act.audit import AuditSink
+from pruned.act.guard import protected_pids
+from pruned.act.remove import execute_cleanup
 from pruned.exitcodes import EX_FAILED, EX_OK
 from pruned.filesweep import file_outcome_record
 from pruned.jobs.history import JobHistory, JobRecord
-from pruned.jobs.slurm import end_job_record, write_job_record
-from pruned.linux import fdwalk as fswalk
-from pruned.model import Action, Decision, Policy, ProcClass, Result
-from pruned.policy.load import resolve_facts
+from pruned.jobs.slurmpath import is_sluid
+from pruned.jobs.statedir import end_job_record, write_job_record
+from pruned.linux import procfs
+from pruned.linux.dirfd import container_nodes
+from pruned.model import (
+    Policy,
+    Result,
+    SweepPlan,
+)
+from pruned.policy.facts import resolve_facts
 from pruned.rules import cleanplan as cleanup
-from pruned.rules.decide import SweepPlan, apply_brake, rail
-from pruned.sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id, observe
+from pruned.rules.decide import apply_brake
+from pruned.rules.epilog import epilog_targets, job_ids_in_environ
+from pruned.sweep import SweepReport, audit_sweep, execute, new_sweep_id, observe
 
-JOB_ENV_KEYS = (b"SLURM_JOB_ID", b"SLURM_JOBID", b"PBS_JOBID")
 EPILOG_SLACK = 30.0  # seconds beyond the kill grace before the epilog gives up (bounded time)
 
 
 def read_env_jobs(pid: int, proc_root: str = "/proc") -> set[str]:
     """The job ids a process's environment names (root can read any /proc/PID/environ)."""
-    try:
-        with open(f"{proc_root}/{pid}/environ", "rb") as f:
-            data = f.read(1 << 20)
-    except OSError:
-        return set()
-    out = set()
-    for item in data.split(b"\0"):
-        key, _, value = item.partition(b"=")
-        if key in JOB_ENV_KEYS and value:
-            out.add(value.decode(errors="replace").split(".")[0])
-    return out
-
-
-def epilog_targets(
-    obs: Observation,
-    policy: Policy,
-    job_id: str,
-    uid: int,
-    *,
-    env_jobs: Callable[[int], set[str]],
-    protected: Collection[int] = (),
-) -> tuple[list[Decision], bool, str]:
-    """Which processes the epilog of job_id kills: (decisions, last_job, why).
-
-    Pure but for env_jobs, which is only asked about the uid's strays.
-    """
-    others = [j for j in obs.jobs.running_for(uid) if j.job_id != job_id]
-    # With proctrack/linuxproc there are no job cgroups to see other jobs in; a process of
-    # the uid under a live batch daemon is the sign that one runs.
-    under_daemon = [
-        pid
-        for pid, v in obs.verdicts.items()
-        if v.rule == "batch.daemon_lineage"
-        and obs.snap.procs[pid].uid == uid
-        and pid not in obs.jobs.membership
-    ]
-    if obs.jobs.problems:
-        last, why = False, "job source has problems, so only this job's processes"
-    elif others:
-        last, why = False, "uid has other running jobs: " + ", ".join(j.job_id for j in others)
-    elif under_daemon:
-        last, why = False, f"uid has processes under a live batch daemon (pid {under_daemon[0]})"
-    else:
-        last, why = True, "this was the uid's last job on the node"
-
-    out: list[Decision] = []
-    for d in obs.plan.decisions:
-        p, v = d.proc, d.verdict
-        if p.uid != uid or v.cls in (ProcClass.SYSTEM, ProcClass.WHITELISTED):
-            continue
-        member = obs.jobs.membership.get(p.pid)
-        if member is not None and member.job_id == job_id:
-            reason = f"epilog of job {job_id}: in its cgroup ({member.cgroup})"
-        elif v.cls is not ProcClass.STRAY:
-            continue  # batch or adopted in another job, or under a live daemon
-        elif last:
-            reason = f"epilog of job {job_id}: stray of a uid whose last job ended ({why})"
-        elif job_id in env_jobs(p.pid):
-            reason = f"epilog of job {job_id}: stray whose environment names job {job_id}"
-        else:
-            continue
-        held = rail(p, policy, protected)
-        out.append(
-            Decision(p, v, Action.KILL, reason, held=held, held_by="rail" if held else None)
-        )
-    return out, last, why
+    return job_ids_in_environ(procfs.read_environ(pid, proc_root))
 
 
 def _alarm(_signo, _frame) -> None:
@@ -136,19 +76,23 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
     sweep_id = f"epilog-{job_id}-{new_sweep_id()[:6]}"
     t0 = time.monotonic()
     obs = observe(policy, facts, proc_root=proc_root)
+    # Slurm 26.05 names the job's cgroups by its SLUID and tells the epilog both names.
+    sluid = os.environ.get("SLURM_JOB_SLUID", "")
+    own = (job_id, sluid) if is_sluid(sluid) else (job_id,)
     decisions, _last, why = epilog_targets(
         obs,
         policy,
         job_id,
         uid,
         env_jobs=lambda pid: read_env_jobs(pid, proc_root),
-        protected=actions.protected_pids(proc_root),
+        protected=protected_pids(proc_root),
+        aliases=own[1:],
     )
     # The same brake as a sweep: an epilog that wants to kill more than max_kills_per_sweep
     # processes is more likely looking at a wrong job view than at one job's leftovers.
     plan = apply_brake(SweepPlan(tuple(decisions)), policy)
     outcomes = execute(
-        plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_job=job_id
+        plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_jobs=own
     )
     report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, obs, outcomes)
     audit_sweep(report, sink)
@@ -168,7 +112,7 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         prior = history.get(job_id)
         record = prior or record
     others = [j for j in obs.jobs.running() if j.job_id != job_id]
-    nodes = fswalk.container_nodes(policy.cleanup.job_container_base or "/nonexistent")
+    nodes = container_nodes(policy.cleanup.job_container_base or "/nonexistent")
     fplan = cleanup.plan_cleanup(
         policy.cleanup,
         others,
@@ -186,7 +130,7 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         min_age=fplan.min_age,
         max_listed=fplan.max_listed,
     )
-    fouts = fswalk.execute_cleanup(dir_plan, dry_run)
+    fouts = execute_cleanup(dir_plan, dry_run)
     for fo in fouts:
         if fo.result is not Result.GONE:
             sink.emit(file_outcome_record(fo, sweep_id, dry_run, "cleanup.job_dir",

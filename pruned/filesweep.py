@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass, field, replace
 
 from pruned.act.audit import AuditRecord, AuditSink, event_record, files_record
+from pruned.act.remove import CleanupOutcome, execute_cleanup
 from pruned.jobs.history import JobHistory
-from pruned.jobs.slurm import read_jobs
+from pruned.jobs.source import read_jobs
 from pruned.linux import procfs
-from pruned.linux.fdwalk import CleanupOutcome, container_nodes, execute_cleanup
+from pruned.linux.dirfd import container_nodes
 from pruned.linux.users import user_name
-from pruned.model import JobView, Policy, Result
-from pruned.policy.load import NodeFacts
+from pruned.model import CleanupKind, JobView, Policy, Result
+from pruned.policy.facts import NodeFacts
 from pruned.rules.cleanplan import CleanupPlan, plan_cleanup
 from pruned.sweep import make_sources, new_sweep_id
 
@@ -62,7 +63,8 @@ class CleanReport:
     def lines(self) -> list[str]:
         out = []
         for o in self.outcomes:
-            what = f"job {o.job_id} dir" if o.kind == "job_dir" else f"uid {o.uid} files in"
+            job_dir = o.kind is CleanupKind.JOB_DIR
+            what = f"job {o.job_id} dir" if job_dir else f"uid {o.uid} files in"
             line = f"{o.result.value:<7} {what} {o.path}: {o.files} files, {o.dirs} dirs, "
             line += f"{o.bytes} bytes"
             if o.skipped:
@@ -125,7 +127,7 @@ def run_clean(
     for o in outcomes:
         if o.result is Result.GONE:
             continue
-        if o.kind == "job_dir":
+        if o.kind is CleanupKind.JOB_DIR:
             rule, reason = "cleanup.job_dir", f"job {o.job_id} ended"
         else:
             rule, reason = "cleanup.loose_files", f"uid {o.uid} has no job and no process"

@@ -6,12 +6,15 @@ immutable picture of the node, and anything that acts re-checks the world itself
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 # The hard rail: uids below this are always `system`, whatever a policy says.
 UID_RAIL = 99
+# /proc/PID/stat states of a process that has exited: a zombie waiting to be reaped ("Z"),
+# or dead ("X", and "x" on kernels 3.9-3.13). Never a target; counts as gone for every wait.
+DEAD_STATES = frozenset("ZXx")
 
 
 class ProcClass(StrEnum):
@@ -28,12 +31,27 @@ class Action(StrEnum):
     IGNORE = "ignore"
 
 
+class HeldBy(StrEnum):
+    """Which guard held an action back (the decision keeps the action it would have taken)."""
+
+    RAIL = "rail"  # a hard rail no policy lifts (pid 1, uid < 99, pruned itself, a daemon)
+    YOUNG = "young"  # younger than min_age: judged later
+    SCOPE = "scope"  # outside this run's --uid scope
+    REPORT_ONLY = "report_only"  # the job source is in doubt, or the event path is held
+    BRAKE = "brake"  # the mass-kill brake tripped
+
+
 class Result(StrEnum):
     DONE = "done"  # the action happened (killed, adopted, removed)
     WOULD = "would"  # dry-run / report-only: the action would have happened
     GONE = "gone"  # the target vanished (or its pid was reused) before we acted
     FAILED = "failed"  # we tried and could not
     SKIPPED = "skipped"  # a rail, the brake or report-only mode held the action back
+
+
+class CleanupKind(StrEnum):
+    JOB_DIR = "job_dir"  # one ended job's directory (remove_tree)
+    LOOSE = "loose"  # one uid's old files in one root (remove_owned_files)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -74,7 +92,7 @@ class Proc:
 
     @property
     def zombie(self) -> bool:
-        return self.state in ("Z", "X", "x")
+        return self.state in DEAD_STATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +136,9 @@ class Membership:
     step: str | None  # "batch", "extern", "0", ...; None at job level or in the stepd's own
     cgroup: str  # e.g. "freezer:/slurm_vm/uid_1007/job_9/step_batch"
     stepd: bool = False  # the cgroup is the step's slurmstepd slot (v2 ".../slurm")
+    # False: in Slurm's tree, but in a cgroup the path grammar does not know. Such a process
+    # is never judged a stray (classify: batch.unknown_cgroup) and its view has a problem.
+    understood: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +153,21 @@ class JobView:
     membership: Mapping[int, Membership]
     problems: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+    # cgroup name -> job id: Slurm 26.05 names job cgroups by SLUID, everything else
+    # (SLURM_JOB_ID, the history, job_dirs patterns) by the numeric id.
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
         return not self.problems
+
+    def canonical(self, job_id: str) -> str:
+        """The job id a cgroup name stands for (a SLUID's numeric id, when known)."""
+        return self.aliases.get(job_id, job_id)
+
+    def job(self, job_id: str) -> Job | None:
+        """The job a cgroup names, by its id or by the SLUID of its 26.05 cgroup."""
+        return self.jobs.get(self.aliases.get(job_id, job_id))
 
     def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.running]
@@ -178,7 +210,65 @@ class Decision:
     reason: str
     target_job: str | None = None  # the job to adopt into
     held: str | None = None  # why the action is held back, as a sentence
-    held_by: str | None = None  # which guard held it: rail, young, scope, report_only, brake
+    held_by: HeldBy | None = None  # which guard held it
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPlan:
+    decisions: tuple[Decision, ...]  # one per process of the snapshot, pid order
+    report_only: tuple[str, ...] = ()  # why nothing may act this sweep (job source problems)
+    brake: str | None = None  # set when the mass-kill brake tripped
+
+    def actionable(self) -> list[Decision]:
+        """Decisions that act (or would, in dry-run): not ignore, not held."""
+        return [d for d in self.decisions if d.action is not Action.IGNORE and d.held is None]
+
+    def reported(self) -> list[Decision]:
+        """Decisions worth an audit record: those that act, would act, or that the brake or
+        report-only mode stopped. Rails, youth and --uid scope hold quietly every sweep."""
+        return [
+            d
+            for d in self.decisions
+            if d.action is not Action.IGNORE
+            and d.held_by in (None, HeldBy.REPORT_ONLY, HeldBy.BRAKE)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class KnownExes:
+    """The executables trust rests on, as /proc/PID/exe shows them.
+
+    The configured paths plus, when the caller resolved them, their symlink targets (Debian's
+    /usr/sbin/slurmstepd links to slurmstepd-wlm). Resolving is I/O, so rules never do it:
+    `of(policy)` alone gives the paths as configured.
+    """
+
+    daemons: frozenset[str] = frozenset()  # batch daemons and slurmstepd
+    sshd: frozenset[str] = frozenset()
+    whitelist: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(
+        cls,
+        policy: Policy,
+        resolve: Callable[[Iterable[str]], frozenset[str]] = frozenset,
+    ) -> KnownExes:
+        return cls(
+            resolve((*policy.batch_daemons, *policy.slurm.stepd)),
+            resolve(policy.sshd_paths),
+            resolve(policy.whitelist.exe),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one look at the node saw and decided, before anything acted."""
+
+    snap: Snapshot
+    jobs: JobView
+    verdicts: dict[int, Verdict]
+    plan: SweepPlan
+    exes: KnownExes = field(default_factory=KnownExes)
 
 
 @dataclass(frozen=True, slots=True)

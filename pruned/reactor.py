@@ -12,20 +12,29 @@ from __future__ import annotations
 import heapq
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from functools import lru_cache
 
-from pruned.act import kill as actions
-from pruned.jobs.slurm import parse_slurm_cgroup_path
+from pruned import log
+from pruned.act.guard import protected_pids
+from pruned.jobs.slurmpath import membership_from_cgroups
 from pruned.linux import procfs
-from pruned.model import Action, JobView, Membership, Policy, Proc, Snapshot
+from pruned.model import (
+    Action,
+    HeldBy,
+    JobView,
+    Observation,
+    Policy,
+    Proc,
+    Snapshot,
+    SweepPlan,
+)
 from pruned.rules.classify import classify
-from pruned.rules.decide import SweepPlan, apply_brake, decide
-from pruned.sweep import Observation, SweepReport, audit_sweep, execute, new_sweep_id
+from pruned.rules.decide import apply_brake, decide, held
+from pruned.sweep import SweepReport, audit_sweep, execute, known_exes, new_sweep_id
 
 MAX_ANCESTRY = 256
 _boot_time = lru_cache(maxsize=4)(procfs.boot_time)  # constant while the machine is up
@@ -56,23 +65,6 @@ def mini_snapshot(pids: Iterable[int], proc_root: str = "/proc") -> Snapshot:
         clk_tck=os.sysconf("SC_CLK_TCK"),
         vanished=vanished,
     )
-
-
-def membership_from_cgroups(procs: Iterable[Proc]) -> dict[int, Membership]:
-    """Job membership from each process's own /proc/PID/cgroup lines (deepest step wins)."""
-    out: dict[int, Membership] = {}
-    for p in procs:
-        best: Membership | None = None
-        for line in p.cgroups:
-            sp = parse_slurm_cgroup_path(line)
-            if sp is None:
-                continue
-            m = Membership(sp.job_id, sp.step, line, sp.stepd)
-            if best is None or (best.step is None and m.step is not None):
-                best = m
-        if best is not None:
-            out[p.pid] = best
-    return out
 
 
 class Reactor:
@@ -175,8 +167,7 @@ class Reactor:
                 try:
                     self.handle(pids)
                 except Exception as e:  # keep the worker alive; the sweep is the safety net
-                    print(f"pruned: event handling failed: {type(e).__name__}: {e}",
-                          file=sys.stderr)
+                    log.error(f"event handling failed: {type(e).__name__}: {e}")
 
     def handle(self, pids: set[int]) -> SweepReport | None:
         """Classify and act on exactly these pids (ancestors are read, never acted on)."""
@@ -191,21 +182,26 @@ class Reactor:
         # A job this view has not seen running may have just started: read the tree again
         # rather than call its first processes strays.
         jobs = self.get_jobs(False)
-        if any(m.job_id not in jobs.jobs or not jobs.jobs[m.job_id].running
+        if any(m.understood and not ((j := jobs.job(m.job_id)) and j.running)
                for m in member.values()):
             jobs = self.get_jobs(True)
-        view = replace(jobs, membership=member)
-        verdicts = classify(snap, view, policy, facts)
+        # A cgroup in Slurm's tree that the grammar does not know: its process is not judged
+        # a stray (classify), and this batch is report-only, as a sweep would be.
+        doubt = tuple(f"cgroup {m.cgroup} is in Slurm's tree but not a layout pruned knows"
+                      for pid, m in member.items() if not m.understood and pid in targets)
+        view = replace(jobs, membership=member, problems=(*jobs.problems, *doubt))
+        exes = known_exes(policy)  # resolved by the last full sweep, not once per batch
+        verdicts = classify(snap, view, policy, facts, exes)
         if self._protected is None:
-            self._protected = actions.protected_pids(self.proc_root)
+            self._protected = protected_pids(self.proc_root)
         with self.lock:
             full = decide(snap, verdicts, view, policy, protected=self._protected,
-                          uids=self.uids)
+                          uids=self.uids, exes=exes)
             mine = tuple(d for d in full.decisions if d.proc.pid in targets)
             hold = self.hold
             if hold:  # the last full sweep was report-only or braked: so is the event path
                 mine = tuple(
-                    replace(d, held=f"event path held: {hold}", held_by="report_only")
+                    held(d, f"event path held: {hold}", HeldBy.REPORT_ONLY)
                     if d.action is not Action.IGNORE and d.held is None
                     else d
                     for d in mine
@@ -213,7 +209,7 @@ class Reactor:
             plan = SweepPlan(mine, full.report_only, None)
             plan = apply_brake(plan, policy, already=self.kills_since_sweep)
             for d in mine:
-                if d.held_by == "young":
+                if d.held_by is HeldBy.YOUNG:
                     due = time.monotonic() + max(0.05, policy.min_age - snap.age(d.proc)) + 0.05
                     heapq.heappush(self.recheck, (due, d.proc.pid))
             if not plan.reported():
@@ -225,7 +221,7 @@ class Reactor:
                 self.kills_since_sweep += sum(
                     1 for d in plan.actionable() if d.action is Action.KILL
                 )
-            obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan)
+            obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
             report = SweepReport("event-" + new_sweep_id(), time.time(),
                                  time.monotonic() - t0, dry, obs, outcomes)
             audit_sweep(report, sink)

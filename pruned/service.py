@@ -18,7 +18,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,16 +26,18 @@ from collections.abc import Collection
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from pruned import log
 from pruned.act.audit import AuditSink, event_record, make_sink
 from pruned.act.metrics import SweepMetrics, render
 from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
-from pruned.jobs.slurm import read_jobs
+from pruned.jobs.source import read_jobs
 from pruned.linux import connector as events
 from pruned.linux.atomic import write_atomic
 from pruned.model import JobView, Policy, Result
-from pruned.policy.load import NodeFacts, PolicyError, load_policy, resolve_facts
+from pruned.policy.facts import NodeFacts, resolve_facts
+from pruned.policy.load import PolicyError, load_policy
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
 
@@ -52,7 +53,7 @@ def sd_notify(message: str) -> bool:
         try:
             s.sendto(message.encode(), path)
         except OSError as e:
-            print(f"pruned: sd_notify failed: {e}", file=sys.stderr)
+            log.warning(f"sd_notify failed: {e}")
             return False
     return True
 
@@ -182,7 +183,7 @@ class Daemon:
                 text = render(self.sweeps, self.totals)
             write_atomic(path, text.encode(), 0o644, durable=False)
         except OSError as e:
-            print(f"pruned: cannot write metrics {path}: {e.strerror}", file=sys.stderr)
+            log.warning(f"cannot write metrics {path}: {e.strerror}")
 
     def self_check(self) -> None:
         """A dry-run observation of the whole node; raises if anything cannot be read."""
@@ -258,7 +259,7 @@ class Daemon:
             where = e.errors[0] if e.errors else self.policy_path
             msg = (f"policy {self.policy_path} rejected, keeping the last good one: "
                    + " | ".join(e.errors[:20]))
-            print(f"pruned: {msg}", file=sys.stderr)
+            log.warning(msg)
             self.sink.emit(event_record("config_rejected", msg, path=self.policy_path,
                                         reason=where, errors=len(e.errors)))
             sd_notify(f"STATUS=policy rejected ({where}); running with the last good one")
@@ -274,7 +275,7 @@ class Daemon:
         try:
             self.self_check()
         except Exception as e:
-            print(f"pruned: self-check failed: {type(e).__name__}: {e}", file=sys.stderr)
+            log.error(f"self-check failed: {type(e).__name__}: {e}")
             return EX_SOFTWARE
         for sig, token in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"),
                            (signal.SIGINT, "stop")):
@@ -317,6 +318,6 @@ def run_daemon(policy_path: str, uids: Collection[int] | None = None) -> int:
         daemon = Daemon(policy_path, uids=uids)
     except PolicyError as e:
         for line in e.errors:
-            print(line, file=sys.stderr)
+            log.error(line)
         return EX_CONFIG
     return daemon.run()

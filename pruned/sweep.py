@@ -14,33 +14,36 @@ import uuid
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from pruned.act import kill as actions
+from pruned.act.adopt import adopt
 from pruned.act.audit import AuditSink, event_record, record_for_outcome, summary_record, tally
-from pruned.jobs.slurm import (
-    JobSource,
-    SlurmCgroupSource,
-    StateDirSource,
-    parse_slurm_cgroup_path,
-    read_jobs,
-)
+from pruned.act.freeze import freeze_and_kill
+from pruned.act.guard import Refused, protected_pids
+from pruned.act.kill import kill_many
+from pruned.jobs.slurm import SlurmCgroupSource
+from pruned.jobs.slurmpath import slurm_lines, unknown_lines
+from pruned.jobs.source import JobSource, read_jobs
+from pruned.jobs.statedir import StateDirSource
 from pruned.linux import procfs
 from pruned.linux.users import user_name
 from pruned.model import (
     Action,
     Decision,
     JobView,
+    KnownExes,
+    Observation,
     Outcome,
     Policy,
     Proc,
     ProcKey,
     Result,
     Snapshot,
-    Verdict,
+    SweepPlan,
 )
-from pruned.policy.load import NodeFacts
-from pruned.rules.classify import classify, resolved
-from pruned.rules.decide import SweepPlan, decide
+from pruned.policy.facts import NodeFacts
+from pruned.rules.classify import classify
+from pruned.rules.decide import decide, recheck
 
 
 def make_sources(policy: Policy) -> list[JobSource]:
@@ -54,12 +57,13 @@ def make_sources(policy: Policy) -> list[JobSource]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
-    snap: Snapshot
-    jobs: JobView
-    verdicts: dict[int, Verdict]
-    plan: SweepPlan
+@lru_cache(maxsize=8)
+def known_exes(policy: Policy) -> KnownExes:
+    """The policy's trusted executables plus their symlink targets, cached between full
+    observations: the event path classifies many small batches, and resolving the links
+    for each one cost ~15% of a batch. observe() clears the cache, so a changed link (an
+    alternatives switch) is seen by the next sweep."""
+    return KnownExes.of(policy, procfs.exe_link_targets)
 
 
 def observe(
@@ -71,47 +75,35 @@ def observe(
     proc_root: str = "/proc",
 ) -> Observation:
     """Read the node and decide, without acting: what scan, explain and every sweep start with."""
-    resolved.cache_clear()  # re-resolve configured exe symlinks once per full observation
+    known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
+    exes = known_exes(policy)
     snap = procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe))
     jobs = read_jobs(make_sources(policy) if sources is None else sources)
-    verdicts = classify(snap, jobs, policy, facts)
+    verdicts = classify(snap, jobs, policy, facts, exes)
     plan = decide(
         snap,
         verdicts,
         jobs,
         policy,
-        protected=actions.protected_pids(proc_root),
+        protected=protected_pids(proc_root),
         uids=uids,
+        exes=exes,
     )
-    return Observation(snap, jobs, verdicts, plan)
+    return Observation(snap, jobs, verdicts, plan, exes)
 
 
 # ---------------------------------------------------------------- acting
 
 
 def reverify(
-    d: Decision, jobs: JobView, proc_root: str = "/proc", allow_job: str | None = None
+    d: Decision, jobs: JobView, proc_root: str = "/proc", allow_jobs: Collection[str] = ()
 ) -> tuple[Result, str] | None:
-    """Re-read one target just before acting; a reason not to act, or None to go ahead.
-
-    The snapshot may be a few hundred ms old: the process may be gone, its pid reused, its
-    uid changed, or it may have been adopted into a running job since.
-    """
+    """Re-read one target in full just before acting (rules.decide.recheck judges it)."""
     fresh = procfs.read_proc(d.proc.pid, proc_root)
-    if fresh is None or fresh.starttime != d.proc.starttime:
-        return Result.GONE, "gone (or pid reused) before acting"
-    if fresh.zombie:
-        return Result.GONE, "exited before acting"
-    if fresh.uid != d.proc.uid:
-        return Result.SKIPPED, f"real uid changed to {fresh.uid} since the snapshot: not acted on"
-    for line in fresh.cgroups:
-        sp = parse_slurm_cgroup_path(line)
-        if sp is None:
-            continue
-        job = jobs.jobs.get(sp.job_id)
-        if sp.job_id != allow_job and (job is None or job.running):
-            return Result.SKIPPED, f"now in job {sp.job_id}'s cgroup ({line}): not acted on"
-    return None
+    lines = fresh.cgroups if fresh is not None else ()
+    in_jobs = [(sp.job_id, line) for line, sp in slurm_lines(lines)]
+    in_jobs += [(None, line) for line in unknown_lines(lines)]
+    return recheck(d, fresh, in_jobs, jobs, allow_jobs)
 
 
 def _descendants(roots: Sequence[Proc], snap: Snapshot, members: set[int]) -> dict[int, list[int]]:
@@ -140,11 +132,11 @@ def execute(
     *,
     dry_run: bool,
     proc_root: str = "/proc",
-    allow_job: str | None = None,
+    allow_jobs: Collection[str] = (),
 ) -> list[Outcome]:
     """Carry out the plan: one Outcome per reported decision, acted or not.
 
-    `allow_job`: the epilog's own job, whose cgroup members it may kill.
+    `allow_jobs`: the epilog's own job (id and SLUID), whose cgroup members it may kill.
     """
     outcomes: list[Outcome] = []
     todo: list[Decision] = []
@@ -152,7 +144,7 @@ def execute(
         if d.held is not None:
             outcomes.append(Outcome(d, Result.SKIPPED, d.held))
             continue
-        why = None if dry_run else reverify(d, jobs, proc_root, allow_job)
+        why = None if dry_run else reverify(d, jobs, proc_root, allow_jobs)
         if why is not None:
             outcomes.append(Outcome(d, why[0], why[1]))
             continue
@@ -216,16 +208,16 @@ def _classifier(
 def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
     trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
     try:
-        results = actions.kill_many(
+        results = kill_many(
             trees, grace=policy.kill_grace, dry_run=dry_run, uid=uid, proc_root=proc_root
         )
-    except ValueError as e:  # the last-line guard in actions refused
+    except Refused as e:  # the last-line guard refused
         return [Outcome(by_pid[p], Result.FAILED, f"refused: {e}") for p in by_pid]
     # A tree that survived SIGKILL is forking faster than we signal: freeze it and kill again.
     final = []
     for r, res in zip(roots, results, strict=True):
         if not dry_run and res.survivors:
-            res = actions.freeze_and_kill(
+            res = freeze_and_kill(
                 r.key,
                 list(res.survivors),
                 uid=uid,
@@ -255,15 +247,15 @@ def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[O
     for r in roots:
         keys = [by_pid[p].proc.key for p in desc[r.pid]]
         try:
-            results[r.pid] = actions.adopt(
+            results[r.pid] = adopt(
                 r.key, keys, job.extern_dirs, dry_run=dry_run, uid=uid, proc_root=proc_root
             )
-        except ValueError as e:
+        except Refused as e:
             results[r.pid] = e
 
     def result_of(r: Proc):
         res = results[r.pid]
-        if isinstance(res, ValueError):
+        if isinstance(res, Refused):
             return (lambda _k: Result.FAILED), f"refused: {res}", (), ()
         res_of = _classifier(dry_run, res.ok, failed=res.failed, done=res.moved, gone=res.gone)
         fields = tuple(res.audit_fields().items())

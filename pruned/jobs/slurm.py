@@ -1,161 +1,40 @@
-"""Which jobs run on this node and which pids sit in which job cgroup: node-local only.
+"""Slurm's cgroup tree as a job source: which jobs run here and which pids are in them.
 
-Two sources, merged by `read_jobs`:
-- `SlurmCgroupSource` reads Slurm's cgroup tree (v1 `<ctrl>/slurm*/uid_U/job_J/step_S[/task_N]`,
-  v2 `system.slice/[<node>_]slurmstepd.scope/job_J/step_S/{slurm,user[/task_N]}`), membership
-  from the `cgroup.procs` files (far cheaper than /proc/PID/cgroup for every process).
-- `StateDirSource` reads the per-job records `pruned prolog` / `pruned epilog` write into a
-  root-only directory (Torque/PBS, HTCondor, gLExec pool accounts).
-
-A view with `problems` makes the sweep report-only: when in doubt, pruned reports and waits.
+Reads v1 `<ctrl>/slurm*/uid_U/job_J/step_S[/task_N]` and v2
+`system.slice/[<node>_]slurmstepd.scope/job_J/step_S/{slurm,user[/task_N]}` (the grammar of
+those paths is pruned.jobs.slurmpath), membership from the `cgroup.procs` files (far cheaper
+than /proc/PID/cgroup for every process). A view with `problems` makes the sweep
+report-only: when in doubt, pruned reports and waits.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import re
 import stat
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
-from pruned.jobs.history import parse_record
-from pruned.linux.atomic import ensure_private_dir, write_json_atomic
-from pruned.model import Job, JobView, Membership
+from pruned.jobs.slurmpath import (
+    SlurmPath,
+    job_of_stepd_argv,
+    not_understood,
+    parse_slurm_cgroup_path,
+)
+from pruned.linux import procfs
+from pruned.linux.cgroupfs import read_procs, subdirs
+from pruned.linux.procfs import StatusFields
+from pruned.model import DEAD_STATES, Job, JobView, Membership
+from pruned.rules.trust import is_root_daemon, root_exe_matches
 
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 DEFAULT_STEPD_PATHS = ("/usr/sbin/slurmstepd",)
 DEFAULT_SLURMD_PATHS = ("/usr/sbin/slurmd",)
 DEFAULT_SLURMD_PIDFILES = ("/run/slurmd.pid", "/var/run/slurmd.pid")
-DEFAULT_STATE_DIR = "/var/lib/pruned"
-JOBS_SUBDIR = "jobs"
 
-_V1_RE = re.compile(
-    r"(?:^|/)(?P<root>slurm[^/]*)/uid_(?P<uid>\d+)/job_(?P<job>\d+)"
-    r"(?:/step_(?P<step>[^/]+)(?:/task_(?P<task>\d+))?)?/?$"
-)
-_V2_RE = re.compile(
-    r"(?:^|/)(?P<root>system\.slice/(?:[^/]+_)?slurmstepd\.scope)/job_(?P<job>\d+)"
-    r"(?:/step_(?P<step>[^/]+)(?:/(?P<slot>slurm|user)(?:/task_(?P<task>\d+))?)?)?/?$"
-)
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_GONE = (FileNotFoundError, ProcessLookupError)
-_DEAD = ("Z", "X", "x")
 _UID_SAMPLE = 64  # member processes looked at to infer a v2 job's uid
-
-
-class JobSource(Protocol):
-    """Anything that can tell which jobs this node has."""
-
-    name: str
-
-    def read(self) -> JobView: ...
-
-
-# ------------------------------------------------------------------ pure path parsing
-
-
-@dataclass(frozen=True, slots=True)
-class SlurmPath:
-    """What a Slurm job cgroup path says."""
-
-    version: int  # 1 or 2
-    root: str  # "slurm_vm" (v1) or "system.slice/vm_slurmstepd.scope" (v2)
-    job_id: str
-    uid: int | None  # only v1 paths carry it
-    step: str | None  # "batch", "extern", "0", ...; None at job level
-    task: str | None = None
-    stepd: bool = False  # v2 ".../step_S/slurm": the slot of the step's slurmstepd
-
-
-def parse_slurm_cgroup_path(path: str) -> SlurmPath | None:
-    """Parse a job cgroup path (`/slurm_vm/uid_1/job_2/step_0`, a /proc/PID/cgroup line, or an
-    absolute path under a cgroup mount); None when it is not inside a Slurm job."""
-    colon = path.find(":/")
-    if colon >= 0 and not path.startswith("/"):
-        path = path[colon + 1 :]  # "6:freezer:/slurm..." or "0::/system.slice/..."
-    if m := _V1_RE.search(path):
-        return SlurmPath(1, m["root"], m["job"], int(m["uid"]), m["step"], m["task"])
-    if m := _V2_RE.search(path):
-        if m["task"] is not None and m["slot"] != "user":
-            return None
-        return SlurmPath(2, m["root"], m["job"], None, m["step"], m["task"], m["slot"] == "slurm")
-    return None
-
-
-# ------------------------------------------------------------------ small readers
-
-
-def _read_pids(path: str) -> list[int]:
-    """Pids in a cgroup.procs file; [] when the cgroup vanished meanwhile."""
-    try:
-        with open(path) as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        if e.errno == errno.ENODEV:  # cgroup removed between open and read
-            return []
-        raise
-
-
-def _subdirs(path: str, prefix: str) -> list[tuple[str, str]]:
-    """(suffix after `prefix`, full path) of the subdirectories of `path` named prefix*."""
-    out = []
-    try:
-        with os.scandir(path) as it:
-            for entry in it:
-                if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
-                    out.append((entry.name[len(prefix) :], entry.path))
-    except FileNotFoundError:
-        return []
-    return sorted(out)
-
-
-def _proc_status(proc_root: str, pid: int) -> tuple[str, int] | None:
-    """(state letter, real uid) of a pid from /proc/PID/status; None when it is gone."""
-    try:
-        with open(f"{proc_root}/{pid}/status") as f:
-            text = f.read()
-    except _GONE:
-        return None
-    state, ruid = "", -1
-    for line in text.splitlines():
-        if line.startswith("State:"):
-            state = line.split()[1]
-        elif line.startswith("Uid:"):
-            ruid = int(line.split()[1])
-            break  # Uid comes after State
-    if not state or ruid < 0:
-        return None
-    return state, ruid
-
-
-def _proc_age(proc_root: str, pid: int) -> float | None:
-    """Seconds since pid started (stat field 22 against btime); None when unknown."""
-    try:
-        with open(f"{proc_root}/{pid}/stat") as f:
-            starttime = int(f.read().rsplit(")", 1)[1].split()[19])  # comm may hold ')'
-        with open(f"{proc_root}/stat") as f:
-            btime = next(int(x.split()[1]) for x in f if x.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return time.time() - (btime + starttime / os.sysconf("SC_CLK_TCK"))
-
-
-def _exe(proc_root: str, pid: int) -> str | None:
-    """readlink /proc/PID/exe without the " (deleted)" a package upgrade adds; None if gone."""
-    try:
-        return os.readlink(f"{proc_root}/{pid}/exe").removesuffix(" (deleted)")
-    except _GONE:  # also zombies and kernel threads
-        return None
-
-
-# ------------------------------------------------------------------ the Slurm cgroup source
+_SLICE_DEPTH = 3  # nested slices searched for a stepd scope (system.slice, a.slice/a-b.slice)
+_MAX_DEPTH = 8  # cgroup levels walked below a tree's top: Slurm uses 4, the rest is doubt
 
 
 @dataclass
@@ -165,7 +44,9 @@ class _JobAcc:
     job_id: str
     uid: int | None = None
     job_dirs: list[str] = field(default_factory=list)
-    extern_dirs: list[str] = field(default_factory=list)
+    extern_dirs: list[str] = field(default_factory=list)  # where adoption writes
+    extern_step_dirs: list[str] = field(default_factory=list)  # step_extern itself (its mtime)
+    sluid: bool = False  # the dir is named by the job's SLUID (26.05+)
     pids: dict[int, None] = field(default_factory=dict)  # ordered set: job level first
     # pid -> step, for uid inference on v2 (stepd slots excluded)
     user_pids: dict[int, str | None] = field(default_factory=dict)
@@ -224,41 +105,19 @@ class SlurmCgroupSource:
         return _SlurmRead(self).run()
 
 
-def root_exe_matches(exe: str | None, paths: frozenset[str]) -> bool:
-    """Whether a *real-root* process's exe is one of the daemon `paths`.
-
-    Also true for the same binary name anywhere and for a binary replaced on disk
-    (`... (deleted)`): a package upgrade or a versioned install (/opt/slurm/<v>/sbin, a moved
-    `current` link) must not make every running job look ended while its slurmstepd runs
-    on. Only the caller's real-uid-0 check makes this safe: users cannot make root processes.
-    """
-    if not exe:
-        return False
-    exe = exe.removesuffix(" (deleted)")
-    return exe in paths or os.path.basename(exe) in {os.path.basename(p) for p in paths}
-
-
-def exe_paths(paths: Iterable[str]) -> frozenset[str]:
-    """The paths plus where their symlinks lead: /proc/PID/exe shows the resolved binary.
-
-    Debian's /usr/sbin/slurmstepd is an alternatives link to /usr/sbin/slurmstepd-wlm.
-    """
-    return frozenset(paths) | {os.path.realpath(p) for p in paths}
-
-
 class _SlurmRead:
     """The state of one SlurmCgroupSource.read(): accumulators and per-pid caches."""
 
     def __init__(self, src: SlurmCgroupSource) -> None:
         self.src = src
         # Resolved per read: an alternatives switch must not need a restart.
-        self.stepd_paths = exe_paths(src.stepd_paths)
-        self.slurmd_paths = exe_paths(src.slurmd_paths)
+        self.stepd_paths = procfs.exe_link_targets(src.stepd_paths)
+        self.slurmd_paths = procfs.exe_link_targets(src.slurmd_paths)
         self.jobs: dict[str, _JobAcc] = {}
         self.members: dict[int, tuple[int, Membership]] = {}  # pid -> (depth, membership)
         self.infra_pids: set[int] = set()  # v2 slurmstepd.scope/system
         self.problems: list[str] = []
-        self._status: dict[int, tuple[str, int] | None] = {}
+        self._status: dict[int, StatusFields | None] = {}
         self._stepd: dict[int, bool] = {}
         self._exe_denied = False
 
@@ -334,59 +193,96 @@ class _SlurmRead:
 
     def _read_v1_tree(self, ctrl: str, mount: str, tree: str) -> None:
         label = "name=systemd" if ctrl == "systemd" else ctrl  # as /proc/PID/cgroup says it
-        for uid_s, uid_dir in _subdirs(tree, "uid_"):
-            if not uid_s.isdigit():
-                continue
-            for job_id, job_dir in _subdirs(uid_dir, "job_"):
-                if not job_id.isdigit():
-                    continue
-                acc = self._job(job_id)
-                if acc.uid is None:
-                    acc.uid = int(uid_s)
-                acc.job_dirs.append(job_dir)
-                self._members(acc, label, mount, job_dir, 0, None)
-                for step, step_dir in _subdirs(job_dir, "step_"):
-                    if step == "extern":
-                        acc.extern_dirs.append(step_dir)
-                    self._members(acc, label, mount, step_dir, 1, step)
-                    for _task, task_dir in _subdirs(step_dir, "task_"):
-                        self._members(acc, label, mount, task_dir, 2, step)
+        self._walk(label, mount, tree)
 
     # -------------------------------------------------------- v2
 
     def _find_scopes(self, v2root: str) -> list[str]:
-        """Every `*slurmstepd.scope` directly under <v2root>/system.slice."""
-        return [
-            path
-            for name, path in _subdirs(os.path.join(v2root, "system.slice"), "")
-            if name.endswith("slurmstepd.scope")
-        ]
+        """Every `*slurmstepd.scope` in a slice: system.slice, or the one CgroupSlice names
+        (25.11+); slices nest, so they are searched a few levels deep."""
+        out: list[str] = []
+        slices = [path for name, path in subdirs(v2root, "") if name.endswith(".slice")]
+        for _ in range(_SLICE_DEPTH):
+            deeper = []
+            for sl in slices:
+                for name, path in subdirs(sl, ""):
+                    if name.endswith("slurmstepd.scope"):
+                        out.append(path)
+                    elif name.endswith(".slice"):
+                        deeper.append(path)
+            slices = deeper
+        return sorted(out)
 
     def _read_v2_scope(self, scope: str, label_root: str) -> None:
-        label = "0:"
-        mount = label_root or os.path.dirname(scope)
         if not os.path.isdir(scope):
             self.problems.append(f"slurmstepd scope {scope} does not exist")
             return
-        for pid in _read_pids(os.path.join(scope, "system", "cgroup.procs")):
-            self.infra_pids.add(pid)
-        for job_id, job_dir in _subdirs(scope, "job_"):
-            if not job_id.isdigit():
-                continue
-            acc = self._job(job_id)
-            acc.job_dirs.append(job_dir)
-            self._members(acc, label, mount, job_dir, 0, None)
-            for step, step_dir in _subdirs(job_dir, "step_"):
-                if step == "extern":
-                    acc.extern_dirs.append(step_dir)
-                self._members(acc, label, mount, step_dir, 1, step)
-                self._members(acc, label, mount, os.path.join(step_dir, "slurm"), 2, step, True)
-                user_dir = os.path.join(step_dir, "user")
-                self._members(acc, label, mount, user_dir, 2, step)
-                for _task, task_dir in _subdirs(user_dir, "task_"):
-                    self._members(acc, label, mount, task_dir, 3, step)
+        self._walk("0:", label_root or os.path.dirname(scope), scope)
 
     # -------------------------------------------------------- shared
+
+    def _walk(self, label: str, mount: str, top: str) -> None:
+        """Every cgroup below `top` (a v1 slurm* tree or a v2 stepd scope), judged by the one
+        path grammar (pruned.jobs.slurmpath): a job's cgroup gives its members; Slurm's own
+        (the scope's `system` keeper, v1's uid_U level) holds no job; anything else is a
+        layout pruned does not know: a problem naming it (the sweep is report-only), and its
+        processes are members that are not understood, which nothing ever calls strays."""
+        stack = [(top, 0)]
+        while stack:
+            d, depth = stack.pop()
+            rel = "/" + os.path.relpath(d, mount) if mount else d
+            line = f"{label}:{rel}"
+            sp = parse_slurm_cgroup_path(line)
+            if sp is not None:
+                self._job_cgroup(sp, d, line)
+            elif depth >= _MAX_DEPTH or not_understood(line):
+                self.problems.append(
+                    f"cgroup {rel} is in Slurm's tree but not a layout pruned knows: "
+                    "its processes are left alone"
+                )
+                self._not_understood(d, line)
+                continue  # what is below it is no better understood
+            elif rel.endswith("/system"):
+                self.infra_pids.update(read_procs(os.path.join(d, "cgroup.procs")))
+            stack.extend((path, depth + 1) for _name, path in reversed(subdirs(d, "")))
+
+    def _job_cgroup(self, sp: SlurmPath, cg_dir: str, line: str) -> None:
+        acc = self._job(sp.job_id)
+        if acc.uid is None and sp.uid is not None:
+            acc.uid = sp.uid
+        acc.sluid = acc.sluid or sp.sluid
+        if sp.step is None:
+            acc.job_dirs.append(cg_dir)
+        elif sp.step == "extern":
+            if cg_dir.endswith("/step_extern"):
+                acc.extern_step_dirs.append(cg_dir)
+                if sp.version == 1:
+                    acc.extern_dirs.append(cg_dir)  # v1: the step cgroup of each hierarchy
+            elif sp.task == "special":
+                # v2 allows processes only in leaves: Slurm itself puts the extern step's
+                # processes, and what pam_slurm_adopt adopts, in step_extern/user/task_special.
+                acc.extern_dirs.append(cg_dir)
+        pids = read_procs(os.path.join(cg_dir, "cgroup.procs"))
+        if not pids:
+            return
+        depth = line.count("/")  # a task beats its step beats its job (v1: per hierarchy)
+        m = Membership(acc.job_id, None if sp.stepd else sp.step, line, sp.stepd)
+        for pid in pids:
+            acc.pids.setdefault(pid)
+            if not sp.stepd:
+                acc.user_pids.setdefault(pid, sp.step)
+            old = self.members.get(pid)
+            if old is None or depth > old[0]:
+                self.members[pid] = (depth, m)
+
+    def _not_understood(self, cg_dir: str, line: str) -> None:
+        m = Membership("", None, line, understood=False)
+        stack = [cg_dir]
+        while stack:
+            d = stack.pop()
+            for pid in read_procs(os.path.join(d, "cgroup.procs")):
+                self.members[pid] = (1 << 16, m)  # doubt beats every understood membership
+            stack.extend(path for _name, path in subdirs(d, ""))
 
     def _job(self, job_id: str) -> _JobAcc:
         acc = self.jobs.get(job_id)
@@ -394,43 +290,21 @@ class _SlurmRead:
             acc = self.jobs[job_id] = _JobAcc(job_id)
         return acc
 
-    def _members(
-        self,
-        acc: _JobAcc,
-        label: str,
-        mount: str,
-        cg_dir: str,
-        depth: int,
-        step: str | None,
-        stepd_slot: bool = False,
-    ) -> None:
-        pids = _read_pids(os.path.join(cg_dir, "cgroup.procs"))
-        if not pids:
-            return
-        rel = "/" + os.path.relpath(cg_dir, mount) if mount else cg_dir
-        m = Membership(acc.job_id, None if stepd_slot else step, f"{label}:{rel}", stepd_slot)
-        for pid in pids:
-            acc.pids.setdefault(pid)
-            if not stepd_slot:
-                acc.user_pids.setdefault(pid, step)
-            old = self.members.get(pid)
-            if old is None or depth > old[0]:
-                self.members[pid] = (depth, m)
-
-    def status(self, pid: int) -> tuple[str, int] | None:
+    def status(self, pid: int) -> StatusFields | None:
         if pid not in self._status:
-            self._status[pid] = _proc_status(self.src.proc_root, pid)
+            self._status[pid] = procfs.read_status(pid, self.src.proc_root)
         return self._status[pid]
 
     def _alive(self, pid: int) -> bool:
         """Exists and is not a zombie (PID 1 may reap late)."""
         st = self.status(pid)
-        return st is not None and st[0] not in _DEAD
+        return st is not None and st.state not in DEAD_STATES
 
     def _live_root_with_exe(self, pid: int, paths: frozenset[str], member: bool = False) -> bool:
-        """pid is alive, runs one of `paths`, and its real uid is 0 (owner of /proc alone lies)."""
+        """pid is a genuine root process running one of `paths` (rules.trust)."""
         try:
-            exe = _exe(self.src.proc_root, pid)
+            # The exe alone rules out almost every process; only candidates are read in full.
+            exe = procfs.read_exe(pid, self.src.proc_root)
         except PermissionError:
             # Some sandboxes' init hides its exe even from root; only a job member matters.
             self._exe_denied = self._exe_denied or member
@@ -439,8 +313,8 @@ class _SlurmRead:
             return False
         if not root_exe_matches(exe, paths):
             return False
-        st = self.status(pid)
-        return st is not None and st[0] not in _DEAD and st[1] == 0
+        proc = procfs.read_proc(pid, self.src.proc_root, cgroups=False)
+        return proc is not None and is_root_daemon(proc, paths)
 
     def is_stepd(self, pid: int) -> bool:
         if pid not in self._stepd:
@@ -459,12 +333,8 @@ class _SlurmRead:
                 return True
         return any(self._live_root_with_exe(pid, self.slurmd_paths) for pid in self._pids())
 
-    def _pids(self) -> Iterable[int]:
-        try:
-            names = os.listdir(self.src.proc_root)
-        except OSError:
-            return []
-        return (int(n) for n in names if n.isdigit())
+    def _pids(self) -> list[int]:
+        return procfs.list_pids(self.src.proc_root)
 
     def _outside_stepds(self) -> list[int]:
         """Live root slurmstepds older than the grace in no job cgroup and no `system` slot."""
@@ -473,7 +343,8 @@ class _SlurmRead:
             if pid in self.members or pid in self.infra_pids:
                 continue
             if self._live_root_with_exe(pid, self.stepd_paths):
-                age = _proc_age(self.src.proc_root, pid)
+                st = procfs.read_stat(pid, self.src.proc_root)
+                age = None if st is None else procfs.age_of(st.starttime, self.src.proc_root)
                 # A new stepd runs for a moment before it moves itself into its job cgroup.
                 if age is None or age >= self.src.stepd_grace:
                     out.append(pid)
@@ -492,8 +363,8 @@ class _SlurmRead:
                 if sum(uids.values()) >= _UID_SAMPLE:
                     break
                 st = self.status(pid)
-                if st is not None and st[0] not in _DEAD:
-                    uids[st[1]] += 1
+                if st is not None and st.state not in DEAD_STATES:
+                    uids[st.uid] += 1
             nonroot = [(n, uid) for uid, n in uids.items() if uid != 0]
             if nonroot:
                 return max(nonroot)[1]
@@ -503,7 +374,7 @@ class _SlurmRead:
 
     def _start(self, acc: _JobAcc) -> float:
         """pam_slurm_adopt's rule: mtime of step_extern if present, else of the job dir."""
-        for path in acc.extern_dirs + acc.job_dirs:
+        for path in acc.extern_step_dirs + acc.job_dirs:
             try:
                 return os.stat(path).st_mtime
             except OSError:
@@ -512,19 +383,29 @@ class _SlurmRead:
 
     def _finish(self) -> JobView:
         jobs: dict[str, Job] = {}
+        aliases: dict[str, str] = {}
         holding = False
-        for job_id, acc in sorted(self.jobs.items()):
+        for name, acc in sorted(self.jobs.items()):
             # Short-circuits: the stepd sits at the job level (v1 freezer) or in the first
             # step's slurm slot (v2), which are read first, so a big job costs a readlink or two.
-            running = any(self.is_stepd(p) for p in acc.pids)
+            stepd = next((p for p in acc.pids if self.is_stepd(p)), None)
+            running = stepd is not None
             live = running or any(self._alive(p) for p in acc.pids)
             holding = holding or live
+            label = f"{name}" if acc.sluid else f"job_{name}"
             if running:
                 why = ""
             elif live:
-                why = f"no live slurmstepd in job_{job_id}'s cgroups"
+                why = f"no live slurmstepd in {label}'s cgroups"
             else:
-                why = f"job_{job_id}'s cgroups hold no processes"
+                why = f"{label}'s cgroups hold no processes"
+            job_id = name
+            if acc.sluid and stepd is not None:
+                # 26.05 names the cgroup by SLUID; SLURM_JOB_ID, the history and job_dirs
+                # patterns use the number, which the (genuine root) stepd's argv states.
+                number = job_of_stepd_argv(procfs.read_cmdline(stepd, self.src.proc_root))
+                if number is not None and number not in self.jobs:
+                    job_id = aliases[name] = number
             uid = acc.uid if acc.uid is not None else self._infer_uid(acc)
             jobs[job_id] = Job(
                 job_id=job_id,
@@ -555,199 +436,16 @@ class _SlurmRead:
                 f"cannot read {self.src.proc_root}/PID/exe of a job member (permission denied): "
                 "cannot tell slurmstepd from other processes (pruned must run as root)"
             )
-        membership = {pid: m for pid, (_d, m) in self.members.items()}
+        membership = {
+            pid: replace(m, job_id=aliases[m.job_id]) if m.job_id in aliases else m
+            for pid, (_d, m) in self.members.items()
+        }
         return JobView(
             jobs=jobs,
             membership=membership,
             problems=tuple(self.problems),
             sources=(self.src.name,),
+            aliases=aliases,
         )
 
 
-# ------------------------------------------------------------------ the state-dir source
-
-
-def _check_private(path: str, st: os.stat_result) -> str | None:
-    """Why `path` cannot be trusted (writable by others, or not ours), or None."""
-    if st.st_uid != os.geteuid():
-        return f"{path}: owned by uid {st.st_uid}, not {os.geteuid()}: not trusted"
-    if st.st_mode & 0o022:
-        return f"{path}: writable by group or others (mode {st.st_mode & 0o7777:o}): not trusted"
-    return None
-
-
-def job_record_path(state_dir: str, job_id: str) -> str:
-    """`<state_dir>/jobs/<job_id>.json`; ValueError for a job id that is not a plain name."""
-    if not _JOB_ID_RE.match(job_id):
-        raise ValueError(f"job id {job_id!r}: expected letters, digits, '_', '.', '-'")
-    return os.path.join(state_dir, JOBS_SUBDIR, f"{job_id}.json")
-
-
-class StateDirSource:
-    """Jobs recorded by `pruned prolog` (running: no end yet) and `pruned epilog` (ended).
-
-    No membership: these batch systems give no cgroup to read. Problems: the directory or
-    the jobs/ subdirectory is missing (the prolog never ran here, so every job process would
-    look like a stray), not root-only, or a record is corrupt (named, and skipped).
-    """
-
-    name = "statedir"
-
-    def __init__(self, state_dir: str = DEFAULT_STATE_DIR) -> None:
-        self.state_dir = state_dir
-
-    def read(self) -> JobView:
-        jobs_dir = os.path.join(self.state_dir, JOBS_SUBDIR)
-        problems: list[str] = []
-        jobs: dict[str, Job] = {}
-        for path in (self.state_dir, jobs_dir):
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                hint = " (has `pruned prolog` run on this node?)" if path == jobs_dir else ""
-                problems.append(f"job records {path}: {e.strerror or e}{hint}")
-                return self._view(jobs, problems)
-            if why := _check_private(path, st):
-                problems.append(why)
-                return self._view(jobs, problems)
-        try:
-            names = sorted(os.listdir(jobs_dir))
-        except OSError as e:
-            problems.append(f"cannot read {jobs_dir}: {e.strerror or e}")
-            return self._view(jobs, problems)
-        for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue  # tmp files of a writer that crashed or is still writing
-            path = os.path.join(jobs_dir, name)
-            try:
-                job = self._read_record(path, name.removesuffix(".json"))
-            except FileNotFoundError:
-                continue  # removed by a concurrent prune
-            except (OSError, ValueError) as e:
-                msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                problems.append(f"{path}: corrupt job record: {msg.splitlines()[0]}")
-                continue
-            jobs[job.job_id] = job
-        return self._view(jobs, problems)
-
-    def _read_record(self, path: str, job_id: str) -> Job:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            if why := _check_private(path, os.fstat(f.fileno())):
-                raise ValueError(why.removeprefix(f"{path}: "))
-            rec = parse_record(json.loads(f.read()), job_id)
-        if rec.job_id != job_id:
-            raise ValueError(f"job_id {rec.job_id!r} does not match the file name")
-        return Job(
-            job_id=rec.job_id,
-            uid=rec.uid,
-            start=rec.start,
-            source=self.name,
-            running=rec.end is None,
-            why_not_running="" if rec.end is None else f"epilog recorded its end at {rec.end:.0f}",
-            user=rec.user,
-        )
-
-    def _view(self, jobs: dict[str, Job], problems: list[str]) -> JobView:
-        return JobView(jobs=jobs, membership={}, problems=tuple(problems), sources=(self.name,))
-
-
-def write_job_record(
-    state_dir: str, job_id: str, uid: int, start: float, user: str | None = None
-) -> str:
-    """Record a starting job (`pruned prolog`); returns the record's path."""
-    path = job_record_path(state_dir, job_id)
-    if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
-        raise ValueError(f"uid {uid!r}: expected an integer >= 0")
-    ensure_private_dir(state_dir)
-    ensure_private_dir(os.path.dirname(path))
-    rec = {"job_id": job_id, "uid": uid, "start": float(start), "end": None, "user": user}
-    write_json_atomic(path, {**rec, "source": "statedir"})
-    return path
-
-
-def end_job_record(state_dir: str, job_id: str, end: float, uid: int | None = None) -> bool:
-    """Mark a job ended (`pruned epilog`). False when it has no record and no `uid` to make one.
-
-    With `uid`, a missing record (the prolog did not run) is created already ended.
-    """
-    path = job_record_path(state_dir, job_id)
-    try:
-        with open(path, "rb") as f:
-            rec = parse_record(json.loads(f.read()), job_id)
-        obj = {
-            "job_id": rec.job_id, "uid": rec.uid, "start": rec.start,
-            "end": rec.end if rec.end is not None else float(end), "user": rec.user,
-        }  # fmt: skip
-    except (OSError, ValueError):
-        if uid is None:
-            return False
-        obj = {"job_id": job_id, "uid": uid, "start": float(end), "end": float(end), "user": None}
-    ensure_private_dir(state_dir)
-    ensure_private_dir(os.path.dirname(path))
-    write_json_atomic(path, {**obj, "source": "statedir"})
-    return True
-
-
-def prune_job_records(state_dir: str, older_than: float) -> int:
-    """Delete records of jobs that ended before epoch `older_than`; return how many."""
-    jobs_dir = os.path.join(state_dir, JOBS_SUBDIR)
-    removed = 0
-    try:
-        names = os.listdir(jobs_dir)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(".") or not name.endswith(".json"):
-            continue
-        path = os.path.join(jobs_dir, name)
-        try:
-            with open(path, "rb") as f:
-                rec = parse_record(json.loads(f.read()), name.removesuffix(".json"))
-        except (OSError, ValueError):
-            continue  # corrupt ones stay, so the problem stays visible
-        if rec.end is not None and rec.end < older_than:
-            try:
-                os.unlink(path)
-                removed += 1
-            except OSError:
-                pass
-    return removed
-
-
-# ------------------------------------------------------------------ merging
-
-
-def read_jobs(sources: Sequence[JobSource]) -> JobView:
-    """Read every source and merge; a source that raises or reports problems taints the view.
-
-    Jobs are keyed by job id. The same id from two sources is one job when the uids agree
-    (a running copy wins over a stale one, then the earlier source). When the uids differ
-    (a gLExec pool account mapped to a pilot's job) both are kept, the later one under the
-    key "<job_id>@<source>" with the same Job.job_id. Membership: the earlier source wins.
-    """
-    jobs: dict[str, Job] = {}
-    membership: dict[int, Membership] = {}
-    problems: list[str] = []
-    names: list[str] = []
-    for src in sources:
-        name = getattr(src, "name", type(src).__name__)
-        names.append(name)
-        try:
-            view = src.read()
-        except Exception as e:  # one broken source must not hide the others' findings
-            problems.append(f"{name}: job source failed: {type(e).__name__}: {e}")
-            continue
-        problems += [p if p.startswith(f"{name}: ") else f"{name}: {p}" for p in view.problems]
-        for key, job in view.jobs.items():
-            old = jobs.get(key)
-            if old is None:
-                jobs[key] = job
-            elif old.uid == job.uid or old.uid is None or job.uid is None:
-                if job.running and not old.running:
-                    jobs[key] = job
-            else:
-                jobs[f"{key}@{name}"] = job
-        for pid, m in view.membership.items():
-            membership.setdefault(pid, m)
-    return JobView(jobs=jobs, membership=membership, problems=tuple(problems), sources=tuple(names))

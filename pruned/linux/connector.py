@@ -1,6 +1,7 @@
 """Event-driven detection: the kernel's netlink proc connector (fork/exec/uid/sid/exit events).
 
-Layers: `parse_messages` and `EventBatcher` are pure; `ProcConnector` owns the socket;
+Layers: the wire format is pruned.linux.cnproto (pure); `EventBatcher` is pure;
+`ProcConnector` owns the socket;
 `EventWatcher` is the thread the daemon runs. Nothing here reads /proc per event, so a fork
 storm costs one recv + one struct unpack per event and cannot make the listener fall behind
 on /proc I/O. The events only say *which* pids to look at; the caller re-reads /proc for them.
@@ -20,83 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
-log = logging.getLogger(__name__)
+from pruned import log
+from pruned.linux.cnproto import (
+    CN_IDX_PROC,
+    NETLINK_CONNECTOR,
+    PROC_CN_MCAST_IGNORE,
+    PROC_CN_MCAST_LISTEN,
+    SEQ_MOD,
+    ProcEvent,
+    SeqTracker,
+    build_mcast_op,
+    parse_messages,
+)
 
-NETLINK_CONNECTOR = 11
-CN_IDX_PROC = 1
-CN_VAL_PROC = 1
-PROC_CN_MCAST_LISTEN = 1
-PROC_CN_MCAST_IGNORE = 2
 SO_RCVBUFFORCE = 33  # not exported by the socket module
-NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
-
-# struct nlmsghdr { u32 len; u16 type; u16 flags; u32 seq; u32 pid; }
-NLMSGHDR = struct.Struct("=IHHII")
-# struct cn_msg { struct cb_id { u32 idx; u32 val; } id; u32 seq; u32 ack; u16 len; u16 flags; }
-CN_MSG = struct.Struct("=IIIIHH")
-# struct proc_event header: u32 what; u32 cpu; u64 timestamp_ns (aligned(8), so no padding)
-PROC_EVENT_HDR = struct.Struct("=IIQ")
-PID_PAIR = struct.Struct("=ii")
-PID_QUAD = struct.Struct("=iiii")
-ID_EVENT = struct.Struct("=iiII")
-COMM_EVENT = struct.Struct("=ii16s")
-EXIT_EVENT = struct.Struct("=iiIIii")
-EXIT_EVENT_OLD = struct.Struct("=iiII")  # before parent_pid/parent_tgid were added (kernel < 4.18)
-
-# proc_event.what -> name; values from enum what in linux/cn_proc.h.
-WHAT_NAMES: dict[int, str] = {
-    0x00000000: "ack",  # PROC_EVENT_NONE: the reply to LISTEN/IGNORE, event_data.ack.err
-    0x00000001: "fork",
-    0x00000002: "exec",
-    0x00000004: "uid",
-    0x00000040: "gid",
-    0x00000080: "sid",
-    0x00000100: "ptrace",
-    0x00000200: "comm",
-    0x40000000: "coredump",
-    0x80000000: "exit",
-}
-
 ACK_TIMEOUT = 1.0  # seconds to wait for the kernel's reply to LISTEN
-SEQ_MOD = 1 << 32
-
-
-class ProcEvent(NamedTuple):
-    """One proc connector event; fields a kind does not carry are None.
-
-    pid/tgid: thread id / process id of the subject (the child for fork).
-    ppid/ptgid: parent for fork, exit and coredump; the tracer for ptrace.
-    uid/euid: real/effective uid for "uid"; real/effective gid for "gid".
-    exit_code: wait status for "exit"; the errno of the request for "ack".
-    ts_ns: CLOCK_MONOTONIC nanoseconds (time.monotonic_ns()) when the kernel sent it.
-    cpu/seq: the CPU and its per-CPU sequence number, for loss detection (cpu -1: no sequence,
-    as for acks before kernel 6.6). ack: cn_msg.ack; an "ack" answers the request whose ack was
-    `ack - 1`.
-    """
-
-    what: str
-    pid: int
-    tgid: int
-    ppid: int | None
-    ptgid: int | None
-    uid: int | None
-    euid: int | None
-    ts_ns: int
-    exit_code: int | None
-    cpu: int = -1
-    seq: int = 0
-    comm: str | None = None
-    ack: int = 0
 
 
 class ConnectorUnavailable(Exception):
@@ -114,99 +60,6 @@ class EventsLost(Exception):
         super().__init__(reason)
         self.lost = lost
         self.events = events
-
-
-def _event(
-    what: str, cpu: int, ts: int, seq: int, ack: int, body: bytes | memoryview
-) -> ProcEvent | None:
-    """Decode the event_data union of one proc_event; None when too short for its kind."""
-    n = len(body)
-    if what == "fork" and n >= PID_QUAD.size:
-        ppid, ptgid, pid, tgid = PID_QUAD.unpack_from(body)
-        return ProcEvent(what, pid, tgid, ppid, ptgid, None, None, ts, None, cpu, seq)
-    if what in ("exec", "sid") and n >= PID_PAIR.size:
-        pid, tgid = PID_PAIR.unpack_from(body)
-        return ProcEvent(what, pid, tgid, None, None, None, None, ts, None, cpu, seq)
-    if what in ("uid", "gid") and n >= ID_EVENT.size:
-        pid, tgid, rid, eid = ID_EVENT.unpack_from(body)
-        return ProcEvent(what, pid, tgid, None, None, rid, eid, ts, None, cpu, seq)
-    if what in ("ptrace", "coredump") and n >= PID_QUAD.size:
-        pid, tgid, ppid, ptgid = PID_QUAD.unpack_from(body)
-        return ProcEvent(what, pid, tgid, ppid, ptgid, None, None, ts, None, cpu, seq)
-    if what == "comm" and n >= COMM_EVENT.size:
-        pid, tgid, raw = COMM_EVENT.unpack_from(body)
-        comm = bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
-        return ProcEvent(what, pid, tgid, None, None, None, None, ts, None, cpu, seq, comm)
-    if what == "exit" and n >= EXIT_EVENT.size:
-        pid, tgid, code, _sig, ppid, ptgid = EXIT_EVENT.unpack_from(body)
-        return ProcEvent(what, pid, tgid, ppid, ptgid, None, None, ts, code, cpu, seq)
-    if what == "exit" and n >= EXIT_EVENT_OLD.size:
-        pid, tgid, code, _sig = EXIT_EVENT_OLD.unpack_from(body)
-        return ProcEvent(what, pid, tgid, None, None, None, None, ts, code, cpu, seq)
-    if what == "ack" and n >= 4:
-        (err,) = struct.unpack_from("=I", body)
-        return ProcEvent(what, 0, 0, None, None, None, None, ts, err, cpu, seq, None, ack)
-    return None
-
-
-def parse_messages(data: bytes | memoryview) -> list[ProcEvent]:
-    """Decode the proc connector events in one netlink datagram; skip others and truncated ones."""
-    out: list[ProcEvent] = []
-    view = memoryview(data)
-    off = 0
-    while off + NLMSGHDR.size <= len(view):
-        nl_len, nl_type, _flags, _seq, _pid = NLMSGHDR.unpack_from(view, off)
-        if nl_len < NLMSGHDR.size or off + nl_len > len(view):
-            break  # truncated or corrupt: nothing after it can be trusted
-        payload = view[off + NLMSGHDR.size : off + nl_len]
-        off += (nl_len + 3) & ~3  # NLMSG_ALIGN
-        # The connector sends its data as NLMSG_DONE (a one-part multi-part message); skip
-        # netlink control messages (NOOP, ERROR, OVERRUN).
-        if nl_type in (NLMSG_NOOP, NLMSG_ERROR, NLMSG_OVERRUN) or len(payload) < CN_MSG.size:
-            continue
-        idx, val, cn_seq, cn_ack, cn_len, _cn_flags = CN_MSG.unpack_from(payload)
-        body = payload[CN_MSG.size : CN_MSG.size + cn_len]
-        if (idx, val) != (CN_IDX_PROC, CN_VAL_PROC) or len(body) < cn_len:
-            continue
-        if len(body) < PROC_EVENT_HDR.size:
-            continue
-        what_raw, cpu, ts = PROC_EVENT_HDR.unpack_from(body)
-        what = WHAT_NAMES.get(what_raw)
-        if what is None:
-            continue  # a newer kernel's event kind: not ours to interpret
-        if cpu == 0xFFFFFFFF:
-            cpu = -1
-        ev = _event(what, cpu, ts, cn_seq, cn_ack, body[PROC_EVENT_HDR.size :])
-        if ev is not None:
-            out.append(ev)
-    return out
-
-
-def build_mcast_op(op: int, portid: int, token: int) -> bytes:
-    """The datagram asking the proc connector to start (1) or stop (2) sending events.
-
-    The kernel's ack carries cn_msg.ack = token + 1 (its seq is rewritten since kernel 6.6).
-    """
-    data = struct.pack("=I", op)
-    cn = CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, token, token, len(data), 0) + data
-    return NLMSGHDR.pack(NLMSGHDR.size + len(cn), NLMSG_DONE, 0, token, portid) + cn
-
-
-class SeqTracker:
-    """Per-CPU sequence bookkeeping: how many events went missing between the ones we saw."""
-
-    def __init__(self) -> None:
-        self.last: dict[int, tuple[int, int]] = {}  # cpu -> (seq, ts_ns) of the last event seen
-
-    def gap(self, ev: ProcEvent) -> tuple[int, int]:
-        """(events missing on ev.cpu just before ev, ts_ns of the event seen before them)."""
-        if ev.cpu < 0:
-            return 0, 0
-        prev = self.last.get(ev.cpu)
-        self.last[ev.cpu] = (ev.seq, ev.ts_ns)
-        if prev is None:
-            return 0, 0
-        return (ev.seq - prev[0] - 1) % SEQ_MOD, prev[1]
 
 
 def _unavailable(where: str, err: OSError) -> ConnectorUnavailable:
@@ -513,7 +366,7 @@ class EventWatcher:
                 continue
             except OSError as e:
                 # The socket broke (should not happen): say so and treat it as a loss.
-                log.error("proc connector read failed: %s", e)
+                log.error(f"proc connector read failed: {e}")
                 batcher.clear()
                 self._call(self.on_lost, f"proc connector read failed: {e}")
                 self._stop.wait(1.0)
@@ -530,8 +383,9 @@ class EventWatcher:
         """Run a callback; one failing call must not stop the watcher."""
         try:
             fn(*args)
-        except Exception:
-            log.exception("event callback %s failed", getattr(fn, "__name__", fn))
+        except Exception as e:
+            name = getattr(fn, "__name__", fn)
+            log.error(f"event callback {name} failed: {type(e).__name__}: {e}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread, join it and close the connector if this watcher opened it."""

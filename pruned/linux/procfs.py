@@ -12,9 +12,10 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
-from pruned.model import Proc, Snapshot
+from pruned.model import DEAD_STATES, Proc, Snapshot
 
 # include/linux/sched.h: set for every kernel thread (kthreadd and its children). Only the
 # flag is trusted, never "pid 2 or ppid 2": inside a PID namespace pid 2 is an ordinary process.
@@ -23,6 +24,8 @@ PF_KTHREAD = 0x00200000
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _STAT_READ = 1024  # /proc/PID/stat is ~300 bytes; comm is at most 64 bytes (kernel threads)
 _STATUS_READ = 4096  # "Uid:" is the 9th line; the rest of status is not needed
+_CGROUP_READ = 65536  # one line per v1 hierarchy; deep paths are still far below this
+_ENVIRON_READ = 1 << 20  # an environment can be up to ARG_MAX; what pruned looks for is early
 _STATES = {c.encode(): c for c in "RSDZTtXxIKWPN"}  # interned one-letter states
 _GONE = (FileNotFoundError, ProcessLookupError)  # ENOENT / ESRCH: the process exited
 
@@ -41,6 +44,10 @@ class StatFields(NamedTuple):
     @property
     def kthread(self) -> bool:
         return bool(self.flags & PF_KTHREAD)
+
+    @property
+    def zombie(self) -> bool:
+        return self.state in DEAD_STATES
 
 
 def _split_stat(data: bytes) -> tuple[bytes, str, int, int, int, int, int]:
@@ -83,26 +90,37 @@ def parse_stat(text: str) -> StatFields:
     )
 
 
-def _uids_from_status(data: bytes) -> tuple[int, int]:
-    # "Uid:\treal\teffective\tsaved\tfs". Name: comes first but is escaped by the kernel
-    # (a comm holding "\nUid:" prints as "\\nUid:"), so the first line-start match is genuine.
+class StatusFields(NamedTuple):
+    """The fields pruned uses from /proc/PID/status."""
+
+    state: str  # the letter of "State:\tS (sleeping)"
+    uid: int  # real uid: what a process *is*; the /proc owner is only its effective uid
+    euid: int
+
+
+def _parse_status(data: bytes) -> StatusFields:
+    """StatusFields of raw status bytes (starting at a line start), or ValueError."""
+    # "Name:" comes first but is escaped by the kernel (a comm holding "\nUid:" prints as
+    # "\\nUid:"), so the first line-start match of each key is genuine.
     i = data.find(b"\nUid:")
     if i < 0:
         raise ValueError("no Uid: line in status")
     end = data.find(b"\n", i + 5)
     line = data[i + 5 : end if end >= 0 else len(data)]
-    parts = line.split()
+    parts = line.split()  # "Uid:\treal\teffective\tsaved\tfs"
     if len(parts) < 2:
         raise ValueError(f"garbled Uid: line {line!r}")
+    j = data.find(b"\nState:", 0, i)
+    state = data[j + 7 : j + 12].split()[:1] if j >= 0 else []
     try:
-        return int(parts[0]), int(parts[1])
-    except ValueError:
+        return StatusFields(state[0].decode("ascii") if state else "", int(parts[0]), int(parts[1]))
+    except ValueError:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"garbled Uid: line {line!r}") from None
 
 
-def parse_status_uids(text: str) -> tuple[int, int]:
-    """(real uid, effective uid) from /proc/PID/status text; ValueError if there is no Uid: line."""
-    return _uids_from_status(b"\n" + text.encode("utf-8", "surrogateescape"))
+def parse_status(text: str) -> StatusFields:
+    """StatusFields of /proc/PID/status text; ValueError if there is no valid Uid: line."""
+    return _parse_status(b"\n" + text.encode("utf-8", "surrogateescape"))
 
 
 def parse_cgroup(text: str) -> tuple[str, ...]:
@@ -111,7 +129,15 @@ def parse_cgroup(text: str) -> tuple[str, ...]:
 
 
 def boot_time(proc_root: str = "/proc") -> float:
-    """Boot time in epoch seconds: the btime line of /proc/stat."""
+    """Boot time in epoch seconds, to turn starttime ticks into dates and ages.
+
+    For the live /proc: now minus CLOCK_BOOTTIME, the clock starttime counts on (kernel
+    start_boottime). /proc/stat's btime is truncated to whole seconds, which made every age
+    up to 1 s too old (a 1.5 s old process passed a 2 s min_age). A fake proc_root (tests)
+    gives its btime line.
+    """
+    if proc_root == "/proc":
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     with open(os.path.join(proc_root, "stat"), "rb") as f:
         for line in f:
             if line.startswith(b"btime "):
@@ -127,9 +153,8 @@ def _read_at(name: str, dfd: int, size: int) -> bytes:
         os.close(fd)
 
 
-def _read_status_uids(name: str, dfd: int) -> tuple[int, int]:
-    data = _read_at(name, dfd, _STATUS_READ)
-    return _uids_from_status(data)
+def _read_status(name: str, dfd: int) -> StatusFields:
+    return _parse_status(b"\n" + _read_at(name, dfd, _STATUS_READ))
 
 
 def snapshot(proc_root: str = "/proc", *, exe_all: bool = False) -> Snapshot:
@@ -239,7 +264,7 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
         # Root-owned user-space process: the exact real uid decides, so a setuid-root program
         # or a non-dumpable process of a user never passes as root.
         try:
-            uid, euid = _read_status_uids(name + "/status", dfd)
+            _state, uid, euid = _read_status(name + "/status", dfd)
         except _GONE:
             vanished += 1
             continue
@@ -284,8 +309,11 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
     return procs, vanished, garbled, denied, hidden
 
 
-def read_proc(pid: int, proc_root: str = "/proc") -> Proc | None:
-    """Everything about one process (stat, exact uids, exe, cgroup lines); None if it is gone."""
+def read_proc(pid: int, proc_root: str = "/proc", *, cgroups: bool = True) -> Proc | None:
+    """Everything about one process (stat, exact uids, exe, cgroup lines); None if it is gone.
+
+    `cgroups=False` skips the cgroup file (~9 µs): for callers that only need identity.
+    """
     # Every read goes through one /proc/PID directory fd: once that process exits, reads through
     # it fail with ESRCH/ENOENT even if the pid is reused, so the fields all describe one process.
     try:
@@ -297,8 +325,12 @@ def read_proc(pid: int, proc_root: str = "/proc") -> Proc | None:
     try:
         try:
             fields = _split_stat(_read_at("stat", dfd, _STAT_READ))
-            uid, euid = _uids_from_status(_read_at("status", dfd, _STATUS_READ))
-            cgroups = parse_cgroup(_read_at("cgroup", dfd, 65536).decode("utf-8", "replace"))
+            _state, uid, euid = _read_status("status", dfd)
+            lines = (
+                parse_cgroup(_read_at("cgroup", dfd, _CGROUP_READ).decode("utf-8", "replace"))
+                if cgroups
+                else ()
+            )
         except _GONE:
             return None
         comm, state, ppid, pgrp, session, flags, starttime = fields
@@ -307,6 +339,122 @@ def read_proc(pid: int, proc_root: str = "/proc") -> Proc | None:
         except OSError:
             exe = None  # zombie, kernel thread, or not root
         return Proc(pid, starttime, ppid, uid, _decode_comm(comm), state, bool(flags & PF_KTHREAD),
-                    euid, True, exe, cgroups, pgrp, session)  # fmt: skip
+                    euid, True, exe, lines, pgrp, session)  # fmt: skip
     finally:
         os.close(dfd)
+
+
+# ---------------------------------------------------------------- one file of one pid
+# Small readers for the actors' re-checks: each opens one file of /proc/PID and turns "the
+# process is gone" (ENOENT, ESRCH) into None, so a vanished process is data, not an error.
+
+
+def _read_pid_file(proc_root: str, pid: int, name: str, size: int) -> bytes | None:
+    try:
+        fd = os.open(f"{proc_root}/{int(pid)}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except _GONE:
+        return None
+    try:
+        return os.read(fd, size)
+    except _GONE:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_stat(pid: int, proc_root: str = "/proc") -> StatFields | None:
+    """The StatFields of pid now; None when it is gone (or its stat is garbled)."""
+    data = _read_pid_file(proc_root, pid, "stat", _STAT_READ)
+    if data is None:
+        return None
+    try:
+        comm, state, ppid, pgrp, session, flags, starttime = _split_stat(data)
+    except ValueError:
+        return None
+    return StatFields(_decode_comm(comm), state, ppid, pgrp, session, flags, starttime)
+
+
+def read_status(pid: int, proc_root: str = "/proc") -> StatusFields | None:
+    """State and real/effective uid of pid from its status; None when it is gone."""
+    data = _read_pid_file(proc_root, pid, "status", _STATUS_READ)
+    if data is None:
+        return None
+    try:
+        return _parse_status(b"\n" + data)
+    except ValueError:
+        return None
+
+
+def read_real_uid(pid: int, proc_root: str = "/proc") -> int | None:
+    """The real uid of pid (what it is, whatever its effective uid); None when it is gone."""
+    st = read_status(pid, proc_root)
+    return None if st is None else st.uid
+
+
+def read_cgroup_lines(pid: int, proc_root: str = "/proc") -> tuple[str, ...]:
+    """The raw /proc/PID/cgroup lines of pid; () when it is gone."""
+    data = _read_pid_file(proc_root, pid, "cgroup", _CGROUP_READ)
+    return () if data is None else parse_cgroup(data.decode("utf-8", "replace"))
+
+
+def read_exe(pid: int, proc_root: str = "/proc") -> str | None:
+    """readlink of /proc/PID/exe; None when gone, a zombie or a kernel thread.
+
+    PermissionError is raised, not swallowed: without root pruned cannot tell daemons apart,
+    and the caller must say so.
+    """
+    try:
+        return os.readlink(f"{proc_root}/{int(pid)}/exe")
+    except _GONE:
+        return None
+
+
+def read_cmdline(pid: int, proc_root: str = "/proc", limit: int = 4096) -> bytes:
+    """At most `limit` bytes of pid's NUL-separated argv; b"" when unreadable.
+
+    argv is the process's to set: only trusted for a process already known to be root's.
+    """
+    data = _read_pid_file(proc_root, pid, "cmdline", limit)
+    return data or b""
+
+
+def read_environ(pid: int, proc_root: str = "/proc", limit: int = _ENVIRON_READ) -> bytes:
+    """At most `limit` bytes of pid's NUL-separated environment; b"" when unreadable."""
+    try:
+        with open(f"{proc_root}/{int(pid)}/environ", "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
+def list_pids(proc_root: str = "/proc") -> list[int]:
+    """The pids listed in proc_root now (threads are not listed); [] if it cannot be read."""
+    try:
+        names = os.listdir(proc_root)
+    except OSError:
+        return []
+    return [int(n) for n in names if n.isdigit()]
+
+
+def read_stats(proc_root: str = "/proc") -> dict[int, StatFields]:
+    """pid -> StatFields of every live pid: the kill re-walk's view of parents and sessions."""
+    out: dict[int, StatFields] = {}
+    for pid in list_pids(proc_root):
+        st = read_stat(pid, proc_root)
+        if st is not None:
+            out[pid] = st
+    return out
+
+
+def age_of(starttime: int, proc_root: str = "/proc") -> float:
+    """Seconds since a process that started at `starttime` ticks after boot started."""
+    return time.time() - (boot_time(proc_root) + starttime / _CLK_TCK)
+
+
+def exe_link_targets(paths: Iterable[str]) -> frozenset[str]:
+    """The paths plus where their symlinks lead: /proc/PID/exe shows the resolved binary.
+
+    Debian's /usr/sbin/slurmstepd is an alternatives link to /usr/sbin/slurmstepd-wlm.
+    """
+    paths = tuple(paths)
+    return frozenset(paths) | {os.path.realpath(p) for p in paths}

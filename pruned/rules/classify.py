@@ -3,61 +3,36 @@
 PURE: works only on the snapshot, the job view, the policy and resolved node facts. The first
 rule that holds wins, in this order: system, batch, adopted, whitelisted, stray.
 
-Trust: a batch daemon or sshd listener is recognised only by real uid 0 *and* its executable
-path (/proc/PID/exe). comm and argv are never trusted: any user can set them (prctl, exec -a),
-and a user can copy a binary anywhere, but cannot make a process with real uid 0.
+Trust (rules.trust): a batch daemon or sshd listener is recognised only by real uid 0 *and*
+its executable path (/proc/PID/exe); comm and argv are never trusted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from functools import lru_cache
+from collections.abc import Mapping
 from typing import Protocol
 
-from pruned.jobs.slurm import exe_paths, root_exe_matches
-from pruned.model import UID_RAIL, JobView, Membership, Policy, Proc, ProcClass, Snapshot, Verdict
-
-DELETED = " (deleted)"  # readlink of /proc/PID/exe after the binary was replaced on disk
+from pruned.model import (
+    UID_RAIL,
+    JobView,
+    KnownExes,
+    Membership,
+    Policy,
+    Proc,
+    ProcClass,
+    Snapshot,
+    Verdict,
+)
+from pruned.rules.trust import exe_in, in_ranges, is_kernel, is_root_daemon
 
 
 class Facts(Protocol):
-    """What the classifier needs beyond /proc, resolved by config (config.NodeFacts)."""
+    """What the classifier needs beyond /proc, resolved by pruned.policy.facts.NodeFacts."""
 
     @property
     def system_ranges(self) -> tuple[tuple[int, int], ...]: ...
     @property
     def whitelist_uids(self) -> frozenset[int]: ...
-
-
-def exe_in(proc: Proc, paths: Iterable[str]) -> bool:
-    """True when proc's executable is one of `paths` (a root daemon upgraded in place counts)."""
-    if proc.exe is None:
-        return False
-    exe = proc.exe.removesuffix(DELETED)
-    return exe in paths
-
-
-@lru_cache(maxsize=32)
-def resolved(paths: tuple[str, ...]) -> frozenset[str]:
-    """The configured exe paths plus their symlink targets (jobs.exe_paths), cached.
-
-    The event path classifies many small batches; resolving symlinks for each one cost ~15%
-    of a batch. Every full observation (sweep.observe) clears the cache, so a changed link
-    (an alternatives switch) is seen by the next sweep.
-    """
-    return exe_paths(paths)
-
-
-def is_genuine_root(proc: Proc) -> bool:
-    """Real (and effective, when known) uid 0: nothing a user can fake."""
-    return proc.uid == 0 and proc.uid_exact and proc.euid in (0, None) and not proc.zombie
-
-
-def in_ranges(uid: int, ranges: Iterable[tuple[int, int]]) -> bool:
-    for lo, hi in ranges:  # noqa: SIM110 - a plain loop: runs once per process per sweep
-        if lo <= uid <= hi:
-            return True
-    return False
 
 
 # Verdicts that carry nothing process-specific are shared: classifying 20,000 processes
@@ -71,25 +46,38 @@ _STRAY = Verdict(
 )
 
 
-def classify(snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> dict[int, Verdict]:
-    """Classify every process of the snapshot. Returns pid -> Verdict."""
-    return _Classifier(snap, jobs, policy, facts).run()
+def classify(
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    facts: Facts,
+    exes: KnownExes | None = None,
+) -> dict[int, Verdict]:
+    """Classify every process of the snapshot. Returns pid -> Verdict.
 
-
-def classify_one(pid: int, snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> Verdict:
-    """Classify one process of the snapshot (same rules as classify)."""
-    return _Classifier(snap, jobs, policy, facts).verdict(snap.procs[pid])
+    `exes`: the trusted executables with their symlink targets resolved (sweep.known_exes);
+    without it, the policy's paths as configured.
+    """
+    return _Classifier(snap, jobs, policy, facts, exes).run()
 
 
 class _Classifier:
-    def __init__(self, snap: Snapshot, jobs: JobView, policy: Policy, facts: Facts) -> None:
+    def __init__(
+        self,
+        snap: Snapshot,
+        jobs: JobView,
+        policy: Policy,
+        facts: Facts,
+        exes: KnownExes | None,
+    ) -> None:
         self.procs = snap.procs
         self.jobs = jobs
         self.policy = policy
         self.facts = facts
-        self.daemons = resolved((*policy.batch_daemons, *policy.slurm.stepd))
-        self.sshd = resolved(policy.sshd_paths)
-        self.wl_exe = resolved(policy.whitelist.exe)
+        known = exes if exes is not None else KnownExes.of(policy)
+        self.daemons = known.daemons
+        self.sshd = known.sshd
+        self.wl_exe = known.whitelist
         # memo: pid -> pid of the nearest genuine batch-daemon ancestor (or None)
         self._daemon_anc: dict[int, int | None] = {}
         self._sshd_anc: dict[int, int | None] = {}
@@ -129,10 +117,10 @@ class _Classifier:
         return proc is not None and test(proc)
 
     def _is_daemon(self, proc: Proc) -> bool:
-        return is_genuine_root(proc) and root_exe_matches(proc.exe, self.daemons)
+        return is_root_daemon(proc, self.daemons)
 
     def _is_root_sshd(self, proc: Proc) -> bool:
-        return is_genuine_root(proc) and root_exe_matches(proc.exe, self.sshd)
+        return is_root_daemon(proc, self.sshd)
 
     def daemon_ancestor(self, pid: int) -> int | None:
         return self._nearest(pid, self._daemon_anc, self._is_daemon)
@@ -153,7 +141,7 @@ class _Classifier:
         return self._stray(p, member)
 
     def _system(self, p: Proc) -> Verdict | None:
-        if p.pid in (1, 2) or p.kthread or p.ppid == 2:
+        if is_kernel(p):
             return _INIT if p.pid == 1 else _KERNEL
         if p.uid < UID_RAIL:
             return self._per_uid(p.uid, "system.uid_rail")
@@ -174,7 +162,7 @@ class _Classifier:
         return v
 
     def _job_evidence(self, member: Membership) -> tuple[str, ...]:
-        job = self.jobs.jobs.get(member.job_id)
+        job = self.jobs.job(member.job_id)
         lines = [f"cgroup {member.cgroup}"]
         if job is not None:
             state = "running" if job.running else f"NOT running ({job.why_not_running or 'gone'})"
@@ -186,23 +174,32 @@ class _Classifier:
     def _job_running(self, member: Membership | None) -> bool:
         if member is None:
             return False
-        job = self.jobs.jobs.get(member.job_id)
+        job = self.jobs.job(member.job_id)
         return job is not None and job.running
 
     def _batch(self, p: Proc, member: Membership | None) -> Verdict | None:
+        if member is not None and not member.understood:
+            # In Slurm's tree, where the path grammar does not know the layout: when in doubt,
+            # a job's. The job view carries a problem for it, so the sweep is report-only.
+            return Verdict(
+                ProcClass.BATCH,
+                "batch.unknown_cgroup",
+                f"in a Slurm cgroup pruned does not understand ({member.cgroup}): left alone",
+                evidence=(f"cgroup {member.cgroup}",),
+            )
         if member is not None and member.step != "extern" and self._job_running(member):
             step = member.step or "job level"
             return Verdict(
                 ProcClass.BATCH,
                 "batch.job_cgroup",
-                f"in running job {member.job_id}'s cgroup ({step})",
-                job_id=member.job_id,
+                f"in running job {self.jobs.canonical(member.job_id)}'s cgroup ({step})",
+                job_id=self.jobs.canonical(member.job_id),
                 evidence=self._job_evidence(member),
             )
         anc = self.daemon_ancestor(p.pid)
         if anc is not None:
             d = self.procs[anc]
-            job = member.job_id if member is not None else None
+            job = self.jobs.canonical(member.job_id) if member is not None else None
             return Verdict(
                 ProcClass.BATCH,
                 "batch.daemon_lineage",
@@ -218,8 +215,8 @@ class _Classifier:
             return Verdict(
                 ProcClass.ADOPTED,
                 "adopted.extern",
-                f"in running job {member.job_id}'s extern step",
-                job_id=member.job_id,
+                f"in running job {self.jobs.canonical(member.job_id)}'s extern step",
+                job_id=self.jobs.canonical(member.job_id),
                 evidence=self._job_evidence(member),
             )
         return None
@@ -253,11 +250,12 @@ class _Classifier:
 
     def _stray(self, p: Proc, member: Membership | None) -> Verdict:
         if member is not None:
+            job_id = self.jobs.canonical(member.job_id)
             return Verdict(
                 ProcClass.STRAY,
                 "stray.ended_job",
-                f"sits in the cgroup of job {member.job_id}, which is not running",
-                job_id=member.job_id,
+                f"sits in the cgroup of job {job_id}, which is not running",
+                job_id=job_id,
                 evidence=self._job_evidence(member),
             )
         return _STRAY

@@ -1,6 +1,6 @@
 """Which files of ended jobs to remove: a pure plan, shared by dry-run and real runs.
 
-`plan_cleanup` reads nothing and changes nothing; `pruned.linux.fdwalk.execute_cleanup` carries a
+`plan_cleanup` reads nothing and changes nothing; `pruned.act.remove.execute_cleanup` carries a
 plan out (or reports what it would do) by walking directory file descriptors.
 
 Loose files are planned only for uids pruned *knows* ran jobs here: a uid that never had a
@@ -10,11 +10,12 @@ job on this node (a service account, a login-only user) is never touched, whatev
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from pruned.model import UID_RAIL, CleanupPolicy, Job
+from pruned.model import CleanupPolicy, Job
+from pruned.rules.trust import is_system_uid
 
 # What may be substituted into a path: no "/", no leading "." (so never "." or ".."), no NUL.
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_+@=-][A-Za-z0-9_.+@=-]*")
@@ -75,11 +76,6 @@ class CleanupPlan:
     @property
     def items(self) -> tuple[JobDirItem | LooseFilesItem, ...]:
         return (*self.job_dirs, *self.loose)
-
-
-def is_system_uid(uid: int, system_ranges: Iterable[tuple[int, int]]) -> bool:
-    """True for uid < UID_RAIL or inside any inclusive (low, high) system range."""
-    return uid < UID_RAIL or any(lo <= uid <= hi for lo, hi in system_ranges)
 
 
 def safe_token(value: str) -> bool:

@@ -7,47 +7,32 @@ reason, so scan, dry-run and the audit trail all show what *would* have happened
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 
-from pruned.jobs.slurm import root_exe_matches
 from pruned.model import (
     UID_RAIL,
     Action,
     Decision,
+    HeldBy,
     JobView,
+    KnownExes,
     Policy,
     Proc,
     ProcClass,
+    Result,
     Snapshot,
+    SweepPlan,
     Verdict,
 )
-from pruned.rules.classify import is_genuine_root, resolved
+from pruned.rules.trust import is_kernel, is_root_daemon
 
 
-@dataclass(frozen=True, slots=True)
-class SweepPlan:
-    decisions: tuple[Decision, ...]  # one per process of the snapshot, pid order
-    report_only: tuple[str, ...] = ()  # why nothing may act this sweep (job source problems)
-    brake: str | None = None  # set when the mass-kill brake tripped
-
-    def actionable(self) -> list[Decision]:
-        """Decisions that act (or would, in dry-run): not ignore, not held."""
-        return [d for d in self.decisions if d.action is not Action.IGNORE and d.held is None]
-
-    def reported(self) -> list[Decision]:
-        """Decisions worth an audit record: those that act, would act, or that the brake or
-        report-only mode stopped. Rails, youth and --uid scope hold quietly every sweep."""
-        return [
-            d
-            for d in self.decisions
-            if d.action is not Action.IGNORE and d.held_by in (None, "report_only", "brake")
-        ]
-
-
-def rail(proc: Proc, policy: Policy, protected: Collection[int]) -> str | None:
+def rail(
+    proc: Proc, policy: Policy, protected: Collection[int], exes: KnownExes | None = None
+) -> str | None:
     """The hard rail that forbids acting on proc, if any. No policy can lift these."""
-    if proc.pid in (1, 2) or proc.kthread or proc.ppid == 2:
+    if is_kernel(proc):
         return "rail: pid 1, pid 2 and kernel threads are never touched"
     if proc.uid < UID_RAIL:
         return f"rail: uid {proc.uid} < {UID_RAIL}"
@@ -55,9 +40,8 @@ def rail(proc: Proc, policy: Policy, protected: Collection[int]) -> str | None:
         return "rail: pruned itself or one of its ancestors"
     # Only a root-owned daemon is protected by its path: a user can run (or LD_PRELOAD into)
     # a copy of /usr/sbin/slurmstepd, and that must not make their process untouchable.
-    if is_genuine_root(proc) and root_exe_matches(
-        proc.exe, resolved((*policy.batch_daemons, *policy.slurm.stepd))
-    ):
+    daemons = (exes if exes is not None else KnownExes.of(policy)).daemons
+    if is_root_daemon(proc, daemons):
         return f"rail: batch daemon executable {proc.exe}"
     if proc.zombie:
         return "zombie: already dead, waiting to be reaped"
@@ -91,8 +75,9 @@ def choose_action(proc: Proc, verdict: Verdict, jobs: JobView, policy: Policy) -
     return Decision(proc, verdict, Action.IGNORE, "policy: strays are ignored")
 
 
-def _held(d: Decision, why: str, by: str) -> Decision:
-    return Decision(d.proc, d.verdict, d.action, d.reason, d.target_job, held=why, held_by=by)
+def held(d: Decision, why: str, by: HeldBy) -> Decision:
+    """d, held back by guard `by` for the reason `why` (it keeps the action it would take)."""
+    return replace(d, held=why, held_by=by)
 
 
 def decide(
@@ -103,6 +88,7 @@ def decide(
     *,
     protected: Collection[int] = (),
     uids: Collection[int] | None = None,
+    exes: KnownExes | None = None,
 ) -> SweepPlan:
     """Turn verdicts into decisions; rails, min_age, scope, report-only and the brake come last.
 
@@ -114,20 +100,23 @@ def decide(
         proc = snap.procs[pid]
         d = choose_action(proc, verdicts[pid], jobs, policy)
         if d.action is not Action.IGNORE:
-            why, by = rail(proc, policy, protected), "rail"
+            why, by = rail(proc, policy, protected, exes), HeldBy.RAIL
             if why is None and uids is not None and proc.uid not in uids:
-                why, by = "outside the --uid scope of this sweep", "scope"
+                why, by = "outside the --uid scope of this sweep", HeldBy.SCOPE
             if why is None and snap.age(proc) < policy.min_age:
-                why, by = f"younger than min_age {policy.min_age:g}s: judged later", "young"
+                why = f"younger than min_age {policy.min_age:g}s: judged later"
+                by = HeldBy.YOUNG
             if why is not None:
-                d = _held(d, why, by)
+                d = held(d, why, by)
         out.append(d)
 
     report_only = tuple(jobs.problems)
     if report_only:
         why = "report-only: " + "; ".join(report_only)
         out = [
-            _held(d, why, "report_only") if d.action is not Action.IGNORE and d.held is None else d
+            held(d, why, HeldBy.REPORT_ONLY)
+            if d.action is not Action.IGNORE and d.held is None
+            else d
             for d in out
         ]
 
@@ -148,8 +137,41 @@ def apply_brake(plan: SweepPlan, policy: Policy, already: int = 0) -> SweepPlan:
         f"mass-kill brake: {len(kills)} kills{since} exceed "
         f"max_kills_per_sweep={policy.max_kills_per_sweep}; nothing was killed"
     )
-    held = tuple(
-        _held(d, brake, "brake") if d.action is Action.KILL and d.held is None else d
+    decisions = tuple(
+        held(d, brake, HeldBy.BRAKE) if d.action is Action.KILL and d.held is None else d
         for d in plan.decisions
     )
-    return SweepPlan(held, plan.report_only, brake)
+    return SweepPlan(decisions, plan.report_only, brake)
+
+
+def recheck(
+    d: Decision,
+    fresh: Proc | None,
+    fresh_jobs: Sequence[tuple[str | None, str]],
+    jobs: JobView,
+    allow_jobs: Collection[str] = (),
+) -> tuple[Result, str] | None:
+    """A reason not to act on d after all, or None to go ahead.
+
+    Judged on `fresh`, a full re-read just before acting (None if gone), and `fresh_jobs`,
+    the (job id, cgroup line) pairs its cgroup lines name (job id None: a cgroup in Slurm's
+    tree that the path grammar does not know). The snapshot may be a few hundred
+    ms old: the process may be gone, its pid reused, its uid changed, or it may have been
+    adopted into a running job since. `allow_jobs`: the epilog's own job (its id and
+    SLUID), whose cgroup members it may act on.
+    """
+    if fresh is None or fresh.starttime != d.proc.starttime:
+        return Result.GONE, "gone (or pid reused) before acting"
+    if fresh.zombie:
+        return Result.GONE, "exited before acting"
+    if fresh.uid != d.proc.uid:
+        return Result.SKIPPED, f"real uid changed to {fresh.uid} since the snapshot: not acted on"
+    for job_id, line in fresh_jobs:
+        if job_id is None:
+            why = f"now in a Slurm cgroup pruned does not know ({line}): not acted on"
+            return Result.SKIPPED, why
+        job = jobs.job(job_id)
+        own = job_id in allow_jobs or jobs.canonical(job_id) in allow_jobs
+        if not own and (job is None or job.running):
+            return Result.SKIPPED, f"now in job {job_id}'s cgroup ({line}): not acted on"
+    return None

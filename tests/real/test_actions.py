@@ -20,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from pruned.act.kill import (
-    DONE,
-    GONE,
-    PF_KTHREAD,
-    WOULD,
-    adopt,
-    cgroup_lines,
-    freeze_and_kill,
-    kill_many,
-    kill_tree,
-    open_verified,
-)
-from pruned.model import ProcKey
+from pruned.act.adopt import adopt
+from pruned.act.freeze import freeze_and_kill
+from pruned.act.guard import Refused
+from pruned.act.kill import kill_many, kill_tree
+from pruned.linux.pidfd import open_verified
+from pruned.linux.procfs import PF_KTHREAD, read_cgroup_lines
+from pruned.model import ProcKey, Result
 from tests.fixtures.paths import REPO
 from tests.fixtures.users import User, alive, kill_uid_processes, pids_of_uid, run_as
 
@@ -120,7 +114,7 @@ def test_kill_tree_whole_tree_including_double_forked_grandchild(tree_of, user_a
     assert len(r.found_late) == 3  # the re-walk found both children and the grandchild
     assert not [x for x in pids if alive(x)]
     assert set(r.exited_in_grace) == set(r.signalled)
-    assert all(s.result == DONE and "SIGTERM" in s.signals for s in r.steps)
+    assert all(s.result == Result.DONE and "SIGTERM" in s.signals for s in r.steps)
 
 
 def test_kill_tree_sigterm_ignored_dies_by_sigkill(tree_of, user_a: User) -> None:
@@ -145,7 +139,7 @@ def test_kill_tree_dry_run_touches_nothing(tree_of, user_a: User) -> None:
     p, pids = tree_of("sleep 600 & sleep 600 & wait", 3)
     r = kill_tree(key_of(p.pid), [], grace=0.1, dry_run=True, uid=user_a.uid)
     assert r.dry_run and not r.signalled and len(r.would) == 3
-    assert all(s.result == WOULD for s in r.steps)
+    assert all(s.result == Result.WOULD for s in r.steps)
     assert all(alive(x) for x in pids)
     for x in pids:  # not even stopped
         assert stat_of(x)[0] in ("S", "R")
@@ -205,7 +199,7 @@ def test_stale_key_gone_and_untouched(tree_of, user_a: User) -> None:
     assert open_verified(stale) is None
     r = kill_tree(stale, [], grace=0.2, dry_run=False, uid=user_a.uid)
     assert r.gone_before == (stale,) and not r.signalled and alive(p.pid)
-    assert r.steps[0].result == GONE
+    assert r.steps[0].result == Result.GONE
 
 
 def kthread_pid() -> int:
@@ -235,8 +229,16 @@ def test_guard_refuses(what: str) -> None:
         lambda: adopt(key, [], ["/nonexistent"], dry_run=True),
         lambda: freeze_and_kill(key, [], uid=30000, dry_run=True),
     ):
-        with pytest.raises(ValueError, match="refusing"):
+        with pytest.raises(Refused, match="refusing"):
             call()
+
+
+def test_refused_is_not_a_value_error(tree_of) -> None:
+    """Only the guard's refusal is Refused: a caller bug stays a ValueError, not a "refusal"."""
+    assert not issubclass(Refused, ValueError)
+    p, _ = tree_of("exec sleep 600", 1)
+    with pytest.raises(ValueError, match="at least one extern cgroup directory"):
+        adopt(key_of(p.pid), [], [], dry_run=True)
 
 
 # ---------------------------------------------------------------- PID reuse (own PID namespace)
@@ -245,7 +247,8 @@ DRIVER = textwrap.dedent(
     """
     import json, os, signal, subprocess, sys, time
     sys.path.insert(0, REPO)
-    from pruned.act.kill import kill_tree, open_verified
+    from pruned.act.kill import kill_tree
+    from pruned.linux.pidfd import open_verified
     from pruned.model import ProcKey
 
     def set_last(n):
@@ -452,22 +455,22 @@ def test_adopt_tree_into_fake_job(tree_of, fake_job: list[str]) -> None:
     assert {k.pid for k in r.moved} == set(pids) and len(r.found_late) == 2
     rel = fake_job[0].split("/freezer", 1)[1]
     for pid in pids:
-        lines = cgroup_lines(pid)
+        lines = read_cgroup_lines(pid)
         assert any(line.endswith(f":freezer:{rel}") for line in lines), lines
         assert any(line.endswith(f":cpuset:{rel}") for line in lines), lines
-    assert all(s.result == DONE for s in r.steps) and len(r.steps) == 6
+    assert all(s.result == Result.DONE for s in r.steps) and len(r.steps) == 6
 
 
 def test_adopt_dry_run_and_stale_key(tree_of, fake_job: list[str]) -> None:
     p, pids = tree_of("exec sleep 600", 1)
     k = key_of(p.pid)
-    before = cgroup_lines(p.pid)
+    before = read_cgroup_lines(p.pid)
     d = adopt(k, [], fake_job, dry_run=True)
-    assert d.dry_run and d.would == (k,) and not d.moved and cgroup_lines(p.pid) == before
+    assert d.dry_run and d.would == (k,) and not d.moved and read_cgroup_lines(p.pid) == before
     stale = ProcKey(k.pid, k.starttime + 1)  # as if the pid was reused before the write
     r = adopt(stale, [], fake_job, dry_run=False)
     assert not r.moved and r.gone == (stale,) and not r.ok
-    assert cgroup_lines(p.pid) == before  # the write was refused: the process did not move
+    assert read_cgroup_lines(p.pid) == before  # the write was refused: the process did not move
     assert "gone before the move" in r.describe()
     assert all(
         str(pid) not in Path(fake_job[0], "cgroup.procs").read_text().split() for pid in pids

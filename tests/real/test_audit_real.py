@@ -128,3 +128,25 @@ def test_real_journald_roundtrip(tmp_path: Path, journald) -> None:
     assert len(entries) == 1
     for k, v in rec.journal_fields().items():
         assert entries[0][k] == v, k
+
+
+@pytest.mark.journald
+def test_log_funnel_reaches_journald_with_priority(tmp_path: Path, journald) -> None:
+    """A process whose stderr is its $JOURNAL_STREAM (as under systemd) logs to journald with
+    PRIORITY; the same call with any other stderr writes one plain line."""
+    marker = uuid.uuid4().hex
+    code = (
+        "import os; st = os.fstat(2); os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}';"
+        f"from pruned import log; log.warning('funnel test {marker}')"
+    )
+    err = tmp_path / "stderr"
+    with open(err, "wb") as f:
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, cwd=str(REPO))
+    assert err.read_bytes() == b""  # it went to the journal, not to stderr
+    entries = journald.wait_records(MESSAGE=f"funnel test {marker}")
+    assert entries[0]["PRIORITY"] == "4" and entries[0]["SYSLOG_IDENTIFIER"] == "pruned"
+    out = subprocess.run(
+        [sys.executable, "-c", f"from pruned import log; log.warning('plain {marker}')"],
+        capture_output=True, text=True, check=True, cwd=str(REPO),
+    )  # fmt: skip
+    assert out.stderr == f"pruned: plain {marker}\n"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pruned.linux import fdwalk as fswalk
-from pruned.linux.fdwalk import Guards, remove_owned_files, remove_tree
+from pruned.linux import fdwalk
+from pruned.linux.fdremove import remove_owned_files, remove_tree
+from pruned.linux.guards import Guards
 from tests.fixtures.tmpfs import make_dir, make_file, snapshot_tree
 
 pytestmark = pytest.mark.root
@@ -80,7 +81,7 @@ def sentinel_tree(base: Path, uid: int, gid: int) -> Path:
 
 
 def test_symlink_swap_race_never_reaches_the_sentinel(tmpfs: Path, user_a, monkeypatch) -> None:
-    monkeypatch.setattr(fswalk, "MAX_OPEN_FDS", 3)  # exercise the '..' re-open path too
+    monkeypatch.setattr(fdwalk, "MAX_OPEN_FDS", 3)  # exercise the '..' re-open path too
     sentinel = sentinel_tree(tmpfs, user_a.uid, user_a.gid)
     root = make_dir(tmpfs / "root", 0, 0, 0o1777)
     make_dir(root / "work", user_a.uid, user_a.gid)
@@ -136,13 +137,13 @@ def test_symlink_swap_race_never_reaches_the_sentinel(tmpfs: Path, user_a, monke
 
 def _swap_before_open(monkeypatch, action) -> None:
     """Run `action(frame, name)` right between the listing's lstat and the open."""
-    orig = fswalk._Walker._open_child
+    orig = fdwalk.Walker._open_child
 
     def hooked(self, frame, name, dev, ino):
         action(name)
         return orig(self, frame, name, dev, ino)
 
-    monkeypatch.setattr(fswalk._Walker, "_open_child", hooked)
+    monkeypatch.setattr(fdwalk.Walker, "_open_child", hooked)
 
 
 @pytest.mark.parametrize("how", ["symlink", "other-dir"])

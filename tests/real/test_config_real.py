@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 
 from pruned.model import Policy, SystemPolicy, WhitelistPolicy
-from pruned.policy.load import (
-    NodeFacts,
-    load_policy,
-    resolve_facts,
-)
+from pruned.policy.facts import NodeFacts, resolve_facts
+from pruned.policy.load import load_policy
 from tests.unit.test_config import _write
 
 

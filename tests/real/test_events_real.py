@@ -20,13 +20,13 @@ from collections.abc import Callable
 
 import pytest
 
+from pruned.linux.cnproto import ProcEvent
 from pruned.linux.connector import (
     SO_RCVBUFFORCE,
     EventBatcher,
     EventsLost,
     EventWatcher,
     ProcConnector,
-    ProcEvent,
     probe,
 )
 from tests.fixtures.paths import REPO

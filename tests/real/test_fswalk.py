@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from pruned.linux import fdwalk as fswalk
-from pruned.linux.fdwalk import (
-    WalkError,
-    execute_cleanup,
-    open_dir_path,
-    parse_locks,
-    parse_unix_sockets,
-    read_guards,
-    remove_owned_files,
-    remove_tree,
-)
-from pruned.model import Result
+from pruned.act.remove import execute_cleanup
+from pruned.linux import fdwalk
+from pruned.linux.dirfd import WalkError, container_nodes, open_dir_path
+from pruned.linux.fdremove import remove_owned_files, remove_tree
+from pruned.linux.guards import parse_locks, parse_unix_sockets, read_guards
+from pruned.model import CleanupKind, Result
 from pruned.rules.cleanplan import CleanupPlan, JobDirItem
 from tests.fixtures.paths import REPO
 from tests.fixtures.tmpfs import make_dir, make_file, mount, snapshot_tree, umount_below
@@ -95,7 +89,7 @@ def test_dry_run_walks_the_same_path_and_removes_nothing(tmpfs: Path) -> None:
 
 def test_ten_thousand_levels_with_few_fds(tmpfs: Path, monkeypatch) -> None:
     # Ancestors beyond the cap are closed and re-opened through '..' (verified by inode).
-    monkeypatch.setattr(fswalk, "MAX_OPEN_FDS", 8)
+    monkeypatch.setattr(fdwalk, "MAX_OPEN_FDS", 8)
     job = make_dir(tmpfs / "deep", 0, 0)
     deep_tree(job, 10_000)
     fds_before = len(os.listdir("/proc/self/fd"))
@@ -103,6 +97,23 @@ def test_ten_thousand_levels_with_few_fds(tmpfs: Path, monkeypatch) -> None:
     assert s.errors == [] and s.removed_root
     assert s.dirs == 10_001 and s.files == 1
     assert len(os.listdir("/proc/self/fd")) == fds_before  # no fd leaked
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_frame_being_scanned_stays_open_below_any_fd_cap(tmpfs: Path, monkeypatch, cap) -> None:
+    # _close_oldest never closes the top frame (the one whose subdirs are being opened),
+    # even when the cap leaves nothing else to close: siblings at every level, both walks.
+    monkeypatch.setattr(fdwalk, "MAX_OPEN_FDS", cap)
+    job = make_dir(tmpfs / "deep", 0, 0)
+    deep_tree(job, 40)
+    for sub in ("a", "b"):
+        deep_tree(make_dir(job / "d" / sub, 0, 0), 5)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    s = remove_owned_files(str(job), 0, min_age=0, now=time.time() + 60, dry_run=True)
+    assert s.errors == [] and (s.files, s.dirs) == (3, 40 + 2 + 10)
+    s = remove_tree(str(tmpfs), "deep", dry_run=False)
+    assert s.errors == [] and s.removed_root and (s.files, s.dirs) == (3, 1 + 40 + 2 + 10)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
 def test_kept_fifo_device_live_socket_and_locked_file(tmpfs: Path, tmp_path: Path) -> None:
@@ -232,7 +243,8 @@ def test_user_without_dac_override_removes_own_read_only_tree(tmpfs: Path, user_
     code = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from pruned.linux.fdwalk import remove_tree, Guards
+        from pruned.linux.fdremove import remove_tree
+        from pruned.linux.guards import Guards
         fd = os.open({str(tmpfs)!r}, os.O_RDONLY | os.O_DIRECTORY)
         os.setgroups([]); os.setresgid({user_a.gid}, {user_a.gid}, {user_a.gid})
         os.setresuid({user_a.uid}, {user_a.uid}, {user_a.uid})
@@ -347,7 +359,7 @@ def test_job_container_mounts_are_detached_then_removed(tmpfs: Path, user_a) -> 
         assert not jdir.exists() and node.is_dir()
         with open("/proc/self/mountinfo") as f:
             assert str(jdir) not in f.read()
-        assert fswalk.container_nodes(str(base)) == ["vm"]
+        assert container_nodes(str(base)) == ["vm"]
     finally:
         keeper.kill()
         keeper.wait()
@@ -445,9 +457,9 @@ def test_sweep_end_to_end_with_real_users(tmpfs: Path, make_user) -> None:
         assert {i.uid for i in plan.loose} == {idle.uid}
         outs = execute_cleanup(plan, dry_run=False)
         results = {(o.kind, o.path): o.result for o in outs}
-        assert results[("job_dir", f"{root}/slurm-101")] == Result.DONE
-        assert results[("job_dir", f"{root}/slurm-102")] == Result.DONE
-        assert results[("loose", str(root))] == Result.DONE
+        assert results[(CleanupKind.JOB_DIR, f"{root}/slurm-101")] == Result.DONE
+        assert results[(CleanupKind.JOB_DIR, f"{root}/slurm-102")] == Result.DONE
+        assert results[(CleanupKind.LOOSE, str(root))] == Result.DONE
         assert sorted(os.listdir(root)) == sorted([f"loose-{busy.name}", f"loose-{stranger.name}"])
     finally:
         os.kill(pid, 9)

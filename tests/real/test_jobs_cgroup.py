@@ -70,12 +70,13 @@ class Cgroups:
             with open(f"{self.mkdir(path)}/cgroup.procs", "w") as f:
                 f.write(str(pid))
 
-    def start(self, argv: list[str], user: User | None = None) -> int:
-        """Start argv (as root or `user`); return once it runs argv[0] with its final uid."""
+    def start(self, argv: list[str], user: User | None = None, exe: str | None = None) -> int:
+        """Start argv (as root or `user`); return once it runs `exe` (default argv[0]) with its
+        final uid."""
         p = run_as(user, argv) if user else subprocess.Popen(argv, start_new_session=True)
         self.procs.append(p)
         want_uid = user.uid if user else 0
-        want_exe = os.path.realpath(shutil.which(argv[0]) or argv[0])
+        want_exe = os.path.realpath(exe or shutil.which(argv[0]) or argv[0])
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # setpriv switches uid, then execs: wait for both
             with contextlib.suppress(OSError):
@@ -380,7 +381,9 @@ def v2(make_user, bins) -> Iterator[V2World]:
         task = cg.start(["sleep", "602"], user_a)
         cg.put(task, f"{scope}/job_{run_job}/step_batch/user/task_0")
         extern_root = cg.start(["sleep", "603"])
-        cg.put(extern_root, f"{scope}/job_{run_job}/step_extern/user")
+        # Slurm puts the extern step's processes in its user/task_special leaf (v2: no
+        # processes in inner cgroups), and so is where adoption must write.
+        cg.put(extern_root, f"{scope}/job_{run_job}/step_extern/user/task_special")
         crashed_task = cg.start(["sleep", "604"], user_b)
         cg.put(crashed_task, f"{scope}/job_{crashed_job}/step_0/user/task_0")
         yield V2World(
@@ -417,7 +420,7 @@ def test_v2_jobs_membership_and_uid(v2: V2World, bins, how: str) -> None:
     # v2 paths carry no uid: it comes from the non-stepd members (the root extern sleep loses).
     assert run.uid == v2.user_a.uid
     assert crashed.uid == v2.user_b.uid
-    assert run.extern_dirs == (f"{v2.scope}/job_{v2.run_job}/step_extern",)
+    assert run.extern_dirs == (f"{v2.scope}/job_{v2.run_job}/step_extern/user/task_special",)
     assert run.cgroup_dirs == (f"{v2.scope}/job_{v2.run_job}",)
     m = view.membership
     rel = "/system.slice/" + os.path.basename(v2.scope)
@@ -436,11 +439,51 @@ def test_v2_job_of_only_root_extern_processes_has_no_user_uid(v2: V2World, bins)
         stepd = cg.start([bins["stepd"], "600"])
         cg.put(stepd, f"{v2.scope}/job_{job}/step_extern/slurm")
         sleeper = cg.start(["sleep", "600"])
-        cg.put(sleeper, f"{v2.scope}/job_{job}/step_extern/user")
+        cg.put(sleeper, f"{v2.scope}/job_{job}/step_extern/user/task_special")
         j = _source(bins, cgroup_root=UNIFIED).read().jobs[job]
         assert j.running and j.uid is None
     finally:
         cg.cleanup()
+
+
+def test_v2_sluid_job_dirs_and_another_slice(v2: V2World, bins) -> None:
+    """Slurm 26.05 names job cgroups by SLUID; the genuine root stepd's argv gives the number
+    that SLURM_JOB_ID, the history and job_dirs use. A scope in another slice (CgroupSlice)
+    is found too; a dir in a scope that is no known layout is doubt, never a stray."""
+    cg = Cgroups()
+    job = _job_id()
+    sluid = "s" + "".join(secrets.choice("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for _ in range(13))
+    other = f"{UNIFIED}/prt{secrets.token_hex(3)}.slice/hpc-jobs.slice"
+    scope = f"{other}/n1_slurmstepd.scope"
+    try:
+        argv = ["bash", "-c", f'exec -a "slurmstepd: [{job}.batch]" {bins["stepd"]} 600']
+        stepd = cg.start(argv, exe=bins["stepd"])
+        cg.put(stepd, f"{scope}/{sluid}/step_batch/slurm")
+        task = cg.start(["sleep", "601"], v2.user_a)
+        cg.put(task, f"{scope}/{sluid}/step_batch/user/task_0")
+        odd = cg.start(["sleep", "602"], v2.user_b)
+        cg.put(odd, f"{scope}/{sluid}/step_batch/user/task_0x")
+        cg.start([bins["slurmd"], "603"])  # a live slurmd: job state is known
+        view = _source(bins, cgroup_root=UNIFIED, find_outside_stepds=False).read()
+        assert view.aliases == {sluid: job}
+        j = view.jobs[job]
+        assert j.running and j.uid == v2.user_a.uid
+        assert j.cgroup_dirs == (f"{scope}/{sluid}",)
+        m = view.membership
+        assert m[task].job_id == job and m[task].step == "batch" and m[task].understood
+        assert m[stepd].stepd
+        # the look-alike leaf: named in a problem, its process left alone
+        assert not m[odd].understood and m[odd].cgroup.endswith("/task_0x")
+        assert view.problems == (
+            f"cgroup {m[odd].cgroup.removeprefix('0::')} is in Slurm's tree but not a layout"
+            " pruned knows: its processes are left alone",
+        )
+        assert view.job(sluid) is j
+    finally:
+        cg.cleanup()
+        for d in (other, os.path.dirname(other)):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 # ------------------------------------------------------------------ the real cluster (optional)

@@ -6,10 +6,7 @@ import os
 
 import pytest
 
-from pruned.jobs.slurm import (
-    StateDirSource,
-    write_job_record,
-)
+from pruned.jobs.statedir import StateDirSource, write_job_record
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")

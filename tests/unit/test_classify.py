@@ -315,7 +315,7 @@ def test_report_only_when_job_source_has_problems() -> None:
 )
 def test_root_exe_matches(exe, expected) -> None:
     """For real-root processes only: a daemon is known by its path or its binary name."""
-    from pruned.jobs.slurm import root_exe_matches
+    from pruned.rules.trust import root_exe_matches
 
     paths = frozenset({"/usr/sbin/slurmstepd", "/usr/sbin/slurmstepd-wlm"})
     assert root_exe_matches(exe, paths) is expected
@@ -333,3 +333,26 @@ def test_brake_counts_kills_already_spent_since_the_last_sweep() -> None:
     braked = apply_brake(one, pol, already=5)
     assert braked.brake and "+5 since the last sweep" in braked.brake
     assert all(d.held_by == "brake" for d in braked.decisions if d.action is Action.KILL)
+
+
+def test_a_cgroup_the_grammar_does_not_know_is_never_a_stray() -> None:
+    line = "0::/system.slice/slurmstepd.scope/job_9/step_0/user/task_0/sub"
+    jobs = replace(JOBS, membership={**JOBS.membership, 700: Membership("", None, line, understood=False)})  # noqa: E501
+    v = classify(SNAP, jobs, Policy(), FACTS)
+    assert (v[700].cls, v[700].rule) == (ProcClass.BATCH, "batch.unknown_cgroup")
+    assert line in v[700].reason
+    # its child is judged by its own cgroup: none, so still a stray (it is not in the doubt)
+    assert v[701].cls is ProcClass.STRAY
+    plan = decide(SNAP, v, jobs, Policy())
+    assert next(d for d in plan.decisions if d.proc.pid == 700).action is Action.IGNORE
+
+
+def test_a_sluid_membership_resolves_through_the_view_aliases() -> None:
+    line = "0::/system.slice/slurmstepd.scope/s6T9M8T79NSN00/step_0/user/task_0"
+    jobs = replace(
+        JOBS,
+        membership={**JOBS.membership, 700: Membership("s6T9M8T79NSN00", "0", line)},
+        aliases={"s6T9M8T79NSN00": "9"},
+    )
+    v = classify(SNAP, jobs, Policy(), FACTS)
+    assert (v[700].cls, v[700].rule, v[700].job_id) == (ProcClass.BATCH, "batch.job_cgroup", "9")

@@ -7,12 +7,8 @@ from dataclasses import dataclass
 import pytest
 
 from pruned.model import CleanupPolicy, Job
-from pruned.rules.cleanplan import (
-    JobDirItem,
-    expand_pattern,
-    is_system_uid,
-    plan_cleanup,
-)
+from pruned.rules.cleanplan import JobDirItem, expand_pattern, plan_cleanup
+from pruned.rules.trust import is_system_uid
 
 NOW = 1_000_000.0
 SYS = ((60000, 64999), (65534, 65534), (100, 999))

@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pruned.exitcodes import EX_CONFIG
 from pruned.model import UID_RAIL, Action, CleanupPolicy, Policy, SystemPolicy, WhitelistPolicy
-from pruned.policy.load import (
-    EX_CONFIG,
-    PolicyError,
-    StrictLoader,
-    default_policy_path,
-    load_policy,
-    merge_ranges,
-    parse_duration,
-    parse_login_defs,
-    resolve_facts,
-    sys_uid_range,
-)
+from pruned.policy.facts import merge_ranges, parse_login_defs, resolve_facts, sys_uid_range
+from pruned.policy.fields import parse_duration
+from pruned.policy.load import PolicyError, default_policy_path, load_policy
+from pruned.policy.yamltree import StrictLoader
 from tests.fixtures.paths import REPO
 
 TESTS = REPO / "tests"

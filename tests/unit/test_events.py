@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from pruned.linux.connector import (
+from pruned.linux.cnproto import (
     CN_IDX_PROC,
     CN_MSG,
     CN_VAL_PROC,
@@ -18,12 +18,12 @@ from pruned.linux.connector import (
     NLMSG_ERROR,
     NLMSGHDR,
     PROC_CN_MCAST_LISTEN,
-    EventBatcher,
     ProcEvent,
     SeqTracker,
     build_mcast_op,
     parse_messages,
 )
+from pruned.linux.connector import EventBatcher
 
 # --- crafted datagrams ------------------------------------------------------------------------
 

@@ -7,14 +7,13 @@ import os
 
 import pytest
 
-from pruned.jobs.slurm import (
-    SlurmPath,
+from pruned.jobs.slurmpath import SlurmPath, parse_slurm_cgroup_path
+from pruned.jobs.source import read_jobs
+from pruned.jobs.statedir import (
     StateDirSource,
     end_job_record,
     job_record_path,
-    parse_slurm_cgroup_path,
     prune_job_records,
-    read_jobs,
     write_job_record,
 )
 from pruned.model import Job, JobView, Membership
@@ -84,7 +83,6 @@ def test_walker_on_a_plain_directory_tree(tmp_path) -> None:
     _procs(tmp_path / "freezer")
     _procs(tmp_path / "freezer/slurm_x/uid_5/job_7/step_batch", me)
     _procs(tmp_path / "freezer/slurm_x/uid_5/job_8")
-    _procs(tmp_path / "freezer/slurm_x/uid_5/job_notanumber", me)
     (tmp_path / "cpu").symlink_to(tmp_path / "freezer")  # read once, like cpu -> cpu,cpuacct
     (tmp_path / "junk").mkdir()  # no cgroup.procs: not a hierarchy
     _procs(tmp_path / "junk/slurm_y/uid_5/job_99", me)
@@ -104,6 +102,28 @@ def test_walker_on_a_plain_directory_tree(tmp_path) -> None:
     assert "no processes" in view.jobs["8"].why_not_running
     if os.geteuid() == 0:
         assert view.problems == ()
+
+
+def test_a_job_like_cgroup_the_grammar_does_not_know_is_doubt_not_a_stray(tmp_path) -> None:
+    """A dir in Slurm's tree that is no known layout: a problem naming it (report-only), and its
+    processes are members that are not understood (never strays)."""
+    parent = os.getppid()  # alive, and nobody's stepd
+    _procs(tmp_path / "freezer")
+    _procs(tmp_path / "freezer/slurm_x/uid_5/job_notanumber/step_0", parent)
+    from pruned.jobs.slurm import SlurmCgroupSource
+
+    view = SlurmCgroupSource(
+        cgroup_root=str(tmp_path), stepd_paths=("/nonexistent",), find_outside_stepds=False,
+        slurmd_paths=(), slurmd_pidfiles=(),
+    ).read()  # fmt: skip
+    assert view.jobs == {}
+    assert view.membership == {
+        parent: Membership("", None, "freezer:/slurm_x/uid_5/job_notanumber", understood=False)
+    }
+    assert view.problems == (
+        "cgroup /slurm_x/uid_5/job_notanumber is in Slurm's tree but not a layout pruned knows:"
+        " its processes are left alone",
+    )
 
 
 def test_garbage_in_cgroup_procs_is_a_problem_line(tmp_path) -> None:

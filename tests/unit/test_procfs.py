@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pruned.linux.procfs import PF_KTHREAD, parse_cgroup, parse_stat, parse_status_uids, snapshot
+from pruned.linux.procfs import PF_KTHREAD, parse_cgroup, parse_stat, parse_status, snapshot
 
 U64 = 18446744073709551615
 
@@ -101,14 +101,21 @@ STATUS = "Name:\tsleep\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t42\nPid:\t42\
         ("Name:\tx\\nUid:\t0\t0\nUid:\t1007\t1007\t1007\t1007\n", (1007, 1007)),
     ],
 )
-def test_parse_status_uids(text: str, want: tuple[int, int]) -> None:
-    assert parse_status_uids(text) == want
+def test_parse_status(text: str, want: tuple[int, int]) -> None:
+    assert parse_status(text)[1:] == want
+
+
+def test_parse_status_state() -> None:
+    text = STATUS + "Uid:\t1007\t1007\t1007\t1007\n"
+    assert parse_status(text) == ("S", 1007, 1007)
+    assert parse_status(text.replace("S (sleeping)", "Z (zombie)")).state == "Z"
+    assert parse_status("Uid:\t0\t0\t0\t0\n").state == ""  # no State: line before Uid:
 
 
 @pytest.mark.parametrize("text", ["", STATUS, "Uid:\t1007\n", "Uid:\tx\ty\n", "Uids:\t1\t1\n"])
-def test_parse_status_uids_rejects(text: str) -> None:
+def test_parse_status_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="Uid"):
-        parse_status_uids(text)
+        parse_status(text)
 
 
 def test_parse_cgroup_v1_and_v2() -> None:

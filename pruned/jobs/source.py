@@ -1,0 +1,51 @@
+"""The JobSource protocol and the merge of several sources into one view of the node's jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from pruned.model import Job, JobView, Membership
+
+
+class JobSource(Protocol):
+    """Anything that can tell which jobs this node has."""
+
+    name: str
+
+    def read(self) -> JobView: ...
+
+
+def read_jobs(sources: Sequence[JobSource]) -> JobView:
+    """Read every source and merge; a source that raises or reports problems taints the view.
+
+    Jobs are keyed by job id. The same id from two sources is one job when the uids agree
+    (a running copy wins over a stale one, then the earlier source). When the uids differ
+    (a gLExec pool account mapped to a pilot's job) both are kept, the later one under the
+    key "<job_id>@<source>" with the same Job.job_id. Membership: the earlier source wins.
+    """
+    jobs: dict[str, Job] = {}
+    membership: dict[int, Membership] = {}
+    problems: list[str] = []
+    names: list[str] = []
+    for src in sources:
+        name = getattr(src, "name", type(src).__name__)
+        names.append(name)
+        try:
+            view = src.read()
+        except Exception as e:  # one broken source must not hide the others' findings
+            problems.append(f"{name}: job source failed: {type(e).__name__}: {e}")
+            continue
+        problems += [p if p.startswith(f"{name}: ") else f"{name}: {p}" for p in view.problems]
+        for key, job in view.jobs.items():
+            old = jobs.get(key)
+            if old is None:
+                jobs[key] = job
+            elif old.uid == job.uid or old.uid is None or job.uid is None:
+                if job.running and not old.running:
+                    jobs[key] = job
+            else:
+                jobs[f"{key}@{name}"] = job
+        for pid, m in view.membership.items():
+            membership.setdefault(pid, m)
+    return JobView(jobs=jobs, membership=membership, problems=tuple(problems), sources=tuple(names))

@@ -1,0 +1,68 @@
+"""The mount table: /proc/self/mountinfo parsing, and lazy unmounting of what sits below a
+path (job_container leftovers). Nothing here follows a path through user-writable dirs
+except umount2, which callers first check with dirfd.open_dir_path (UMOUNT_NOFOLLOW only
+guards the last component)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+
+def _unescape(field_: str) -> str:
+    """Undo mountinfo's octal escapes (\\040 for space, ...)."""
+    if "\\" not in field_:
+        return field_
+    return field_.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def mount_points(mountinfo: str) -> list[str]:
+    """Mount point paths in /proc/self/mountinfo text, in mount order."""
+    out = []
+    for line in mountinfo.splitlines():
+        cols = line.split()
+        if len(cols) > 4:
+            out.append(_unescape(cols[4]))
+    return out
+
+
+def _read_mountinfo() -> str:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def read_mount_points() -> frozenset[str]:
+    """The mount point paths of this mount namespace now."""
+    return frozenset(mount_points(_read_mountinfo()))
+
+
+def mounts_below(path: str, mountinfo: str) -> list[str]:
+    """Mount points at `path` or under it, deepest (and latest) first."""
+    path = path.rstrip("/")
+    found = [m for m in mount_points(mountinfo) if m == path or m.startswith(path + "/")]
+    return list(reversed(found))
+
+
+def detach_mounts(path: str, *, dry_run: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """Lazily unmount everything mounted at or below `path`: (detached, [(mount, error)])."""
+    done: list[str] = []
+    errors: list[tuple[str, str]] = []
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(64):  # stacked mounts on one point come off one per pass
+        todo = [m for m in mounts_below(path, _read_mountinfo()) if m not in dict(errors)]
+        if not todo:
+            break
+        if dry_run:
+            return todo, errors
+        for m in todo:
+            if libc.umount2(m.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+                done.append(m)
+            else:
+                err = ctypes.get_errno()
+                if err != errno.EINVAL:  # EINVAL: already gone with its parent
+                    errors.append((m, os.strerror(err)))
+    return done, errors

@@ -1,0 +1,78 @@
+#!/bin/bash
+# Runs inside the VM from pruned-vm-run.service once the node's daemons were started:
+# records the node's versions, installs pruned the way a site admin does, runs the scenarios
+# with this release's own pytest, and leaves everything in results/ on the payload disk.
+# The unit powers the VM off when this exits, whatever the outcome.
+set -uo pipefail
+
+P=/run/pruned-vm
+R=$P/results
+mkdir -p "$R"
+# ttyS1 is the host's live view (a plain file there); no newline translation.
+stty -F /dev/ttyS1 raw -echo 2>/dev/null || true
+exec > >(tee -a "$R/run.log" /dev/ttyS1) 2>&1
+
+finish() {
+    journalctl -b --no-pager -o short-monotonic >"$R/journal.txt" 2>&1 || true
+    sync
+}
+trap finish EXIT
+
+echo "run-scenarios: waiting for the boot to finish"
+state=$(timeout 300 systemctl is-system-running --wait 2>&1) || true
+echo "run-scenarios: system state: $state"
+systemctl --no-pager --failed || true
+
+# ---- the node's versions (README's "tested on" table) --------------------------------------
+. /etc/os-release
+cgmode=unknown
+if [[ $(stat -fc %T /sys/fs/cgroup) == cgroup2fs ]]; then
+    if grep -q ' - cgroup ' /proc/self/mountinfo; then cgmode=hybrid; else cgmode=v2; fi
+elif grep -q ' - cgroup ' /proc/self/mountinfo; then
+    cgmode=v1
+fi
+{
+    echo "debian=$(cat /etc/debian_version)"
+    echo "codename=${VERSION_CODENAME:-}"
+    echo "systemd=$(systemctl --version | sed -n '1s/^systemd \([^ ]*\) (\(.*\))$/\1 (\2)/p')"
+    echo "kernel=$(uname -r)"
+    echo "slurm=$(sinfo -V | awk '{print $2}')"
+    echo "openssh=$(dpkg-query -W -f='${Version}' openssh-server)"
+    echo "python=$(python3 -c 'import platform; print(platform.python_version())')"
+    echo "pytest=$(python3 -m pytest --version 2>&1 | awk '{print $2}')"
+    echo "cgroup=$cgmode"
+} >"$R/info.txt"
+cat "$R/info.txt"
+
+# ---- install pruned as a site admin would (README "Installing on a node") ------------------
+install_pruned() {
+    python3 -m pip install -q --no-deps --no-index --break-system-packages \
+        --disable-pip-version-check "$P"/wheel/pruned-*.whl &&
+        ln -sf /usr/local/bin/pruned /usr/local/sbin/pruned &&
+        install -d -m 755 /etc/pruned/policy.d &&
+        install -m 644 "$P/policies/default.yaml" /etc/pruned/policy.d/00-default.yaml &&
+        install -m 644 "$P/scenarios/policy-vm.yaml" /etc/pruned/policy.d/50-vm.yaml &&
+        pruned check-config /etc/pruned/policy.d &&
+        install -m 644 "$P/systemd/pruned.service" /etc/systemd/system/ &&
+        systemctl daemon-reload &&
+        systemctl enable pruned.service
+}
+if ! install_pruned; then
+    echo "run-scenarios: installing pruned failed"
+    echo "could not install pruned" >"$R/summary.txt"
+    echo 1 >"$R/rc"
+    exit 1
+fi
+systemd-analyze security --no-pager pruned.service >"$R/security.txt" 2>&1 || true
+tail -n 1 "$R/security.txt"
+
+# ---- the scenarios ---------------------------------------------------------------------------
+cd "$P/scenarios" || exit 1
+python3 -m pytest -v -rfE -p no:cacheprovider --junitxml="$R/junit.xml" . 2>&1 |
+    tee "$R/pytest.txt"
+rc=${PIPESTATUS[0]}
+# pytest's last line, "==== 12 passed, 1 failed in 95.12s (0:01:35) ====", without the rules.
+tail -n 1 "$R/pytest.txt" | sed -e 's/^=* *//' -e 's/ *=*$//' -e 's/ (\([0-9:]*\))$//' \
+    >"$R/summary.txt"
+echo "$rc" >"$R/rc"
+echo "run-scenarios: pytest exit $rc"
