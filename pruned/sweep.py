@@ -208,9 +208,12 @@ def _classifier(
 def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
     trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
     try:
+        # Each tree is contained in a quarantine cgroup before its first SIGTERM: what it
+        # forks while it handles the signal cannot get away (pruned.act.contain).
         results = kill_many(
-            trees, grace=policy.kill_grace, dry_run=dry_run, uid=uid, proc_root=proc_root
-        )
+            trees, grace=policy.kill_grace, dry_run=dry_run, uid=uid, proc_root=proc_root,
+            contain="auto", cgroup_root=policy.slurm.cgroup_root,
+        )  # fmt: skip
     except Refused as e:  # the last-line guard refused
         return [Outcome(by_pid[p], Result.FAILED, f"refused: {e}") for p in by_pid]
     # A tree that survived SIGKILL is forking faster than we signal: freeze it and kill again.

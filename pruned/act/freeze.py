@@ -11,15 +11,16 @@ import signal
 import time
 from collections.abc import Sequence
 
+from pruned.act.contain import end_game
 from pruned.act.guard import guard, protected_pids
-from pruned.act.kill import KillResult, Track, kill_result, track_exits
+from pruned.act.kill import KillResult, kill_result
+from pruned.act.track import Track, track_exits
 from pruned.act.tree import Tree, candidates, expand
 from pruned.linux.cgroupfs import Quarantine, quarantine_method
 from pruned.linux.pidfd import live_stat, raise_nofile, send_signal
-from pruned.linux.procfs import StatFields, read_real_uid, read_stat, read_stats
+from pruned.linux.procfs import read_stats
 from pruned.model import ProcKey, Result
 
-FREEZE_WAIT = 1.0  # seconds to wait for a quarantine cgroup to report frozen
 HARD_FACTOR = 3  # freeze_and_kill keeps trying up to this many times its timeout
 
 
@@ -69,7 +70,7 @@ def freeze_and_kill(
                 if q is None:
                     _sigstop_round(tree, track, t0, rd, protected, proc_root)
                 else:
-                    _quarantine_kill(tree, q, track, t0, rd, protected, proc_root, errors)
+                    end_game(tree, q, track, t0, rd, protected, proc_root, errors)
                 left = [k for k in tree.fds if live_stat(k, proc_root) is not None]
                 left += [k for _, k in candidates([tree], read_stats(proc_root), protected)]
                 if not left:
@@ -112,96 +113,3 @@ def _sigstop_round(
             elif err != Result.GONE:
                 t.failed = err
     track_exits(tree.fds, track, max(deadline, time.monotonic() + 0.2), t0)
-
-
-def _belongs(
-    pid: int,
-    tree: Tree,
-    table: dict[int, StatFields],
-    inside: set[int],
-    cands: set[ProcKey],
-    protected: frozenset[int],
-) -> bool:
-    """Is a quarantined pid verifiably the tree's (a member, or born of one, and our uid)?"""
-    st = table.get(pid)
-    if st is None or pid in protected or st.kthread:
-        return False
-    if read_real_uid(pid, tree.proc_root) != tree.uid:
-        return False
-    if ProcKey(pid, st.starttime) in tree.fds:
-        return True
-    # A child forked inside the quarantine after its parent was moved: parent is inside.
-    if st.ppid in inside:
-        return True
-    return ProcKey(pid, st.starttime) in cands
-
-
-def _quarantine_kill(
-    tree: Tree,
-    q: Quarantine,
-    track: dict[ProcKey, Track],
-    t0: float,
-    deadline: float,
-    protected: frozenset[int],
-    proc_root: str,
-    errors: list[str],
-) -> None:
-    """Move the tree into `q` until a pass finds nothing new, freeze, SIGKILL all, thaw, wait."""
-
-    def move_members() -> int:
-        inside = q.procs()
-        moved = 0
-        for key in list(tree.fds):
-            if key.pid in inside:
-                continue
-            if live_stat(key, proc_root) is None:  # pidfd pins it; re-check right before
-                continue
-            if q.move(key.pid):
-                moved += 1
-            after = read_stat(key.pid, proc_root)
-            if after is not None and after.starttime != key.starttime:
-                # Reused between the check and the write: give the stranger back.
-                q.move(key.pid, into=False)
-                errors.append(f"pid {key.pid} was reused during the move; moved back out")
-        return moved
-
-    # Move until a full pass (walk + move) finds nothing new outside.
-    for _ in range(1000):
-        expand([tree], proc_root, protected, deadline=deadline, rounds=1)
-        if not move_members() or time.monotonic() > deadline:
-            break
-    # Bounded: a v2 cgroup may never report "frozen 1" while tasks churn in fork/exit;
-    # SIGKILL and cgroup.kill work on a freezing cgroup anyway.
-    froze = q.freeze(True, min(deadline, time.monotonic() + FREEZE_WAIT))
-    # Frozen: nothing inside forks. Catch stragglers outside (they freeze on attach).
-    for _ in range(100):
-        expand([tree], proc_root, protected, deadline=deadline, rounds=1)
-        if not move_members() or time.monotonic() > deadline:
-            break
-    table = read_stats(proc_root)
-    inside = q.procs()
-    cands = {k for _, k in candidates([tree], table, protected)}
-    for pid in sorted(inside):
-        if not _belongs(pid, tree, table, inside, cands, protected):
-            q.move(pid, into=False)
-            errors.append(f"pid {pid} in the quarantine is not the tree's; moved back out")
-            continue
-        st = table[pid]
-        tree.add(ProcKey(pid, st.starttime), late=True)
-    # Kill everything we own, frozen or not (a pending SIGKILL fires on thaw).
-    for key, fd in tree.fds.items():
-        t = track.setdefault(key, Track())
-        err = send_signal(fd, signal.SIGKILL)
-        if err is None:
-            t.signals.append("SIGKILL")
-        elif err == Result.GONE:
-            t.exited = time.monotonic() - t0
-        else:
-            t.failed = err
-    q.kill_all()
-    q.freeze(False, deadline)
-    track_exits(tree.fds, track, max(deadline, time.monotonic() + 0.5), t0)
-    if not froze and q.procs():
-        errors.append("quarantine did not freeze; processes left in it after SIGKILL")
-    while q.procs() and time.monotonic() < deadline:
-        time.sleep(0.01)

@@ -12,11 +12,16 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+from pruned import log
+from pruned.act.contain import contain as contain_tree
+from pruned.act.contain import end_game
 from pruned.act.guard import guard, protected_pids
+from pruned.act.track import Track, track_exits
 from pruned.act.tree import Tree, expand
-from pruned.linux.pidfd import raise_nofile, send_signal, wait_exits
+from pruned.linux.cgroupfs import Quarantine, quarantine_method
+from pruned.linux.pidfd import raise_nofile, send_signal
 from pruned.model import ProcKey, Result
 
 KILL_WAIT = 2.0  # seconds to wait for SIGKILLed processes to exit before calling them survivors
@@ -58,6 +63,8 @@ class KillResult:
     skipped: tuple[ProcKey, ...] = ()  # in the tree but of another uid: left alone
     steps: tuple[ProcStep, ...] = ()
     errors: tuple[str, ...] = ()
+    contained: str = ""  # "contained in <quarantine>", or why the tree was not
+    joined: int = 0  # processes found in the quarantine that joined the tree during the kill
 
     @property
     def ok(self) -> bool:
@@ -94,6 +101,10 @@ class KillResult:
             )
         if self.froze != "none":
             parts.append(f"frozen first ({self.froze})")
+        if self.contained:
+            parts.append(self.contained)
+        if self.joined:
+            parts.append(f"{self.joined} joined during the kill")
         if self.found_late:
             parts.append(f"{len(self.found_late)} found by re-walk")
         if self.skipped:
@@ -114,7 +125,10 @@ class KillResult:
             "PRUNED_ELAPSED_MS": str(round(self.elapsed * 1000)),
             "PRUNED_FROZE": self.froze,
             "PRUNED_GRACE": f"{self.grace:g}",
+            "PRUNED_JOINED": str(self.joined),
         }
+        if self.contained:
+            f["PRUNED_CONTAINED"] = self.contained
         tree = self.signalled or self.would
         if tree:
             f["PRUNED_TREE"] = " ".join(str(k.pid) for k in tree[:50])
@@ -122,24 +136,6 @@ class KillResult:
 
 
 # ---------------------------------------------------------------- kill
-
-
-@dataclass
-class Track:
-    """Mutable per-process bookkeeping during one kill."""
-
-    signals: list[str] = field(default_factory=list)
-    exited: float | None = None
-    failed: str = ""
-
-
-def track_exits(
-    fds: dict[ProcKey, int], track: dict[ProcKey, Track], until: float, t0: float
-) -> None:
-    """Wait on the pidfds of live processes until all have exited or `until` passes."""
-    live = {key: fd for key, fd in fds.items() if track[key].exited is None}
-    for key, when in wait_exits(live, until):
-        track[key].exited = when - t0
 
 
 def kill_tree(
@@ -151,6 +147,8 @@ def kill_tree(
     freeze: bool = True,
     uid: int | None = None,
     proc_root: str = "/proc",
+    contain: str = "none",
+    cgroup_root: str = "/sys/fs/cgroup",
 ) -> KillResult:
     """Kill root and its descendants (and children forked since): SIGTERM, grace, SIGKILL."""
     return kill_many(
@@ -160,6 +158,8 @@ def kill_tree(
         freeze=freeze,
         uid=uid,
         proc_root=proc_root,
+        contain=contain,
+        cgroup_root=cgroup_root,
     )[0]
 
 
@@ -171,20 +171,34 @@ def kill_many(
     freeze: bool = True,
     uid: int | None = None,
     proc_root: str = "/proc",
+    contain: str = "none",
+    cgroup_root: str = "/sys/fs/cgroup",
 ) -> list[KillResult]:
     """Kill several trees at once: SIGTERM to all first, then one shared grace wait.
 
     With `freeze`, every member is SIGSTOPped before it is signalled and the tree is
     re-walked until a pass finds nothing new, so a process cannot fork a child we miss
     between the walk and the signal; SIGCONT follows so SIGTERM handlers can run.
-    With `uid`, members of any other real uid are left alone (reported as skipped).
-    Raises Refused (before acting at all) if any key is protected by the guard.
+    With `contain` ("auto", or a quarantine method; needs `uid`), each tree is moved into a
+    quarantine cgroup of its own before the first SIGTERM (pruned.act.contain): what it
+    forks while it handles SIGTERM is born inside and dies in the end-game, so a stray that
+    spawns a detached child on SIGTERM cannot escape. Where no cgroup can be used the
+    re-walks remain, and the result says so. With `uid`, members of any other real uid are
+    left alone (reported as skipped). Raises Refused (before acting at all) if any key is
+    protected by the guard.
     """
     guard([k for root, desc in trees for k in (root, *desc)], proc_root)
     raise_nofile()
     protected = protected_pids(proc_root)
     t0 = time.monotonic()
     tr = [Tree(root, uid, proc_root) for root, _ in trees]
+    method = quarantine_method(cgroup_root) if contain == "auto" else contain
+    if uid is None:
+        method = "none"  # only a tree of one known uid may be moved (contain.belongs)
+    quarantines: dict[int, Quarantine] = {}
+    kept: dict[ProcKey, str] = {}
+    joined: dict[int, int] = {}
+    errors: dict[int, list[str]] = {i: [] for i in range(len(tr))}
     try:
         for tree, (root, desc) in zip(tr, trees, strict=True):
             for key in (root, *desc):
@@ -216,27 +230,61 @@ def kill_many(
         if freeze:
             signal_all(signal.SIGSTOP)
         expand(tr, proc_root, protected, on_new=stop)
+        if method in ("freezer-v1", "cgroup.freeze"):
+            deadline = time.monotonic() + KILL_WAIT
+            for i, tree in enumerate(tr):
+                try:
+                    quarantines[i] = Quarantine(method, cgroup_root)
+                except OSError as e:
+                    errors[i].append(f"no quarantine cgroup ({e.strerror}): re-walk only")
+                    continue
+                contain_tree(tree, quarantines[i], protected, deadline, errors[i], kept)
         signal_all(signal.SIGTERM)
         if freeze:
             signal_all(signal.SIGCONT)
         track_exits(all_fds, track, time.monotonic() + grace, t0)
         in_grace = {k for k, t in track.items() if t.exited is not None}
-        if any(t.exited is None for t in track.values()):
-            # Stop what is left and catch what it forked during the grace, then kill all.
+        if any(t.exited is None for t in track.values()) or any(
+            q.procs() for q in quarantines.values()
+        ):
+            # Stop what is left and catch what it forked during the grace, then kill all:
+            # a quarantine's end-game kills whatever was born inside it.
             if freeze:
                 signal_all(signal.SIGSTOP)
             expand(tr, proc_root, protected, on_new=stop)
+            deadline = time.monotonic() + KILL_WAIT
+            for i, q in quarantines.items():
+                joined[i] = end_game(
+                    tr[i], q, track, t0, deadline, protected, proc_root, errors[i]
+                )
             signal_all(signal.SIGKILL)
         # Children forked between the last walk and SIGKILL: walk again until nothing new.
         deadline = time.monotonic() + KILL_WAIT
         expand(tr, proc_root, protected, on_new=(signal.SIGKILL,), deadline=deadline)
         signal_all(signal.SIGKILL)  # no-op for the exited; covers the late ones' bookkeeping
         track_exits(all_fds, track, deadline, t0)
-        return [
-            kill_result(t, track, t0, grace, dry_run=False, froze=froze, in_grace=in_grace)
-            for t in tr
-        ]
+        out = []
+        for i, t in enumerate(tr):
+            q = quarantines.get(i)
+            how = froze if q is None else f"{froze}+{q.label}"
+            r = kill_result(t, track, t0, grace, dry_run=False, froze=how, in_grace=in_grace,
+                            errors=errors[i])  # fmt: skip
+            stayed = [why for k, why in kept.items() if k in t.seen]
+            if q is not None:
+                note = f"contained in {q.label}" + (f"; {len(stayed)} left where they were"
+                                                     f" ({stayed[0]})" if stayed else "")
+            elif method in ("freezer-v1", "cgroup.freeze"):
+                note = "not contained: " + "; ".join(errors[i][:1])
+            else:
+                note = f"not contained ({method}): re-walks only"
+            r = replace(r, contained=note, joined=joined.get(i, 0))
+            out.append(r)
+        return out
     finally:
+        for q in quarantines.values():
+            q.freeze(False, time.monotonic() + 0.5)
+            if not q.remove(time.monotonic() + 1.0):
+                log.warning(f"could not remove {q.dir}: it holds {sorted(q.procs())[:10]}")
         for tree in tr:
             tree.close()
 

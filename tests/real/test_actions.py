@@ -500,3 +500,82 @@ def test_rewalk_leaves_a_member_of_a_job_cgroup_alone(tree_of, user_a: User) -> 
             time.sleep(0.05)
         for d in (job_dir, job_dir.parent, job_dir.parent.parent, job_dir.parent.parent.parent):
             d.rmdir()
+
+
+# ---------------------------------------------------------------- containment (escape attack)
+
+# A stray that answers SIGTERM by spawning a detached child (new session, double fork: no
+# ppid chain, session or process group leads back to it) and exiting a moment later, when
+# the child is long gone from every walk.
+RESPAWN = (
+    "trap 'setsid -f bash -c \"exec -a escapee sleep 600\"; sleep 0.3; exit 0' TERM; "
+    "while :; do sleep 0.05; done"
+)
+
+
+def escapees(uid: int) -> list[int]:
+    return [p for p in pids_of_uid(uid) if alive(p) and argv0(p) == "escapee"]
+
+
+def test_term_respawning_stray_escapes_without_containment(tree_of, user_a: User) -> None:
+    """The attack is real: the re-walk alone cannot see a child born detached during the grace."""
+    p, _pids = tree_of(RESPAWN, 2)
+    try:
+        r = kill_tree(key_of(p.pid), [], grace=2.0, dry_run=False, uid=user_a.uid, contain="none")
+        deadline = time.monotonic() + 5
+        while not escapees(user_a.uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert escapees(user_a.uid), r.describe()
+        assert r.contained == "not contained (none): re-walks only"
+    finally:
+        for pid in escapees(user_a.uid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_term_respawning_stray_dies_inside_its_quarantine(tree_of, user_a: User) -> None:
+    """Contained before the first SIGTERM, the child it spawns is born in the quarantine cgroup
+    and dies with it; the result says how many joined during the kill."""
+    p, _pids = tree_of(RESPAWN, 2)
+    try:
+        r = kill_tree(key_of(p.pid), [], grace=2.0, dry_run=False, uid=user_a.uid, contain="auto")
+        assert r.contained.startswith("contained in "), r.describe()
+        assert r.joined >= 1, r.describe()
+        assert r.ok, r.describe()
+        time.sleep(0.5)  # an escapee would have exec'ed by now
+        assert escapees(user_a.uid) == []
+        assert not alive(p.pid)
+        quarantine = r.contained.removeprefix("contained in ").split(":", 1)[1]
+        assert not os.path.exists(quarantine)  # removed after the kill
+        fields = r.audit_fields()
+        assert fields["PRUNED_JOINED"] == str(r.joined) and "PRUNED_CONTAINED" in fields
+    finally:
+        for pid in escapees(user_a.uid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stray_in_a_job_cgroup_is_never_moved(tree_of, user_a: User) -> None:
+    """A stray left in a Slurm job's cgroup (an ended job's) stays there: killed, not moved."""
+    job = f"/sys/fs/cgroup/freezer/slurm_prt{secrets.token_hex(3)}"
+    step = f"{job}/uid_{user_a.uid}/job_{7_000_000 + secrets.randbelow(10**6)}/step_0"
+    if not os.path.isdir("/sys/fs/cgroup/freezer"):
+        pytest.skip("no v1 freezer hierarchy")
+    os.makedirs(step)
+    p, _pids = tree_of("exec -a injob sleep 600", 1)
+    try:
+        with open(f"{step}/cgroup.procs", "w") as f:
+            f.write(str(p.pid))
+        r = kill_tree(key_of(p.pid), [], grace=1.0, dry_run=False, uid=user_a.uid, contain="auto")
+        assert r.ok and not alive(p.pid), r.describe()
+        assert "1 left where they were (in a Slurm job's cgroup)" in r.contained, r.describe()
+    finally:
+        p.kill()
+        p.wait()
+        for d in (step, os.path.dirname(step), os.path.dirname(os.path.dirname(step)), job):
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)

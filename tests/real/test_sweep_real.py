@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.paths import REPO
-from tests.fixtures.users import User, alive, daemon_as, setsid_as, wait_dead, wait_for_pid
+from tests.fixtures.users import (
+    User,
+    alive,
+    daemon_as,
+    pids_of_uid,
+    setsid_as,
+    wait_dead,
+    wait_for_pid,
+)
 
 pytestmark = pytest.mark.root
 
@@ -208,3 +216,28 @@ def test_audit_falls_back_without_journald(tmp_path, make_user):
     mine = [x for x in lines if x.get("PRUNED_PID") == str(pid)]
     assert mine and mine[0]["PRUNED_EVENT"] == "process_killed"
     assert mine[0]["SYSLOG_IDENTIFIER"] == "pruned" and "PRUNED_FALLBACK_REASON" in mine[0]
+
+
+def test_term_respawning_stray_leaves_nothing_after_one_sweep(tmp_path, make_user, journald):
+    """Attack: a stray that spawns a detached child when it gets SIGTERM, then exits. One
+    enforce sweep kills both (the tree is contained before the first signal), and the
+    process_killed record says one joined during the kill."""
+    eve = make_user("prse")
+    policy = write_policy(tmp_path)
+    setsid_as(
+        eve,
+        "trap 'setsid -f bash -c \"exec -a eve_escapee sleep 600\"; sleep 0.3; exit 0' TERM; "
+        "exec -a eve_respawner bash -c "
+        "'trap \"setsid -f bash -c \\\"exec -a eve_escapee sleep 600\\\"; sleep 0.3; exit 0\" TERM;"
+        " while :; do sleep 0.05; done'",
+    )
+    respawner = wait_for_pid(eve.uid, "eve_respawner")
+    r = sweep(policy, eve.uid)
+    assert r.returncode == 0, r.stderr
+    assert wait_dead(respawner, 10) is not None
+    time.sleep(0.5)
+    left = [p for p in pids_of_uid(eve.uid) if alive(p)]
+    assert left == [], f"left after one sweep: {left}\n{r.stdout}"
+    kills = journald.wait_records(PRUNED_UID=str(eve.uid), PRUNED_EVENT="process_killed")
+    assert all(k["PRUNED_CONTAINED"].startswith("contained in ") for k in kills)
+    assert max(int(k["PRUNED_JOINED"]) for k in kills) >= 1
