@@ -121,6 +121,7 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         facts.system_ranges,
         now,
         nodes,
+        dir_grace=0.0,  # Slurm says the job ended: its own dirs go now
     )
     dir_plan = cleanup.CleanupPlan(
         job_dirs=tuple(i for i in fplan.job_dirs if i.job_id == job_id),

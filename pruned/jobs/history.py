@@ -21,6 +21,9 @@ from pruned.linux.atomic import FILE_MODE, ensure_private_dir, remove_stale_tmp,
 from pruned.model import JobView
 
 HISTORY_FILE = "history.json"
+# How long a job's cgroup may stay without a slurmstepd before the job counts as ended: long
+# enough for the pause between two steps of an allocation without PrologFlags=contain.
+IDLE_GRACE = 600.0
 HISTORY_VERSION = 1
 
 
@@ -76,6 +79,9 @@ class JobHistory:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, HISTORY_FILE)
         self._records: dict[str, JobRecord] = dict(records or {})
+        # job id -> when it was first seen idle (cgroup there, no stepd); memory only: after a
+        # restart the grace starts again, which only delays an end.
+        self._idle: dict[str, float] = {}
         self.problems: list[str] = []  # what load() found wrong (a corrupt file, a bad record)
 
     @classmethod
@@ -100,6 +106,9 @@ class JobHistory:
         except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             hist.problems.append(hist._keep_corrupt(raw, str(e).splitlines()[0]))
             return hist
+        except RecursionError:  # json.loads recurses once per nested [ or {
+            hist.problems.append(hist._keep_corrupt(raw, "nested too deeply"))
+            return hist
         for key, rec in jobs.items():
             try:
                 hist._records[key] = parse_record(rec, key)
@@ -122,11 +131,16 @@ class JobHistory:
     # ------------------------------------------------------------ changes
 
     def observe(self, view: JobView, now: float) -> list[JobRecord]:
-        """Record the view's running jobs; end (at `now`) recorded jobs no longer running.
+        """Record the view's running jobs; end (at `now`) recorded jobs the view shows ended.
 
-        Returns the records that ended in this call. A view with problems only adds: a
-        source that cannot be read must not make every job look ended. Jobs whose uid is
-        still unknown (v2 paths with no process yet) are recorded once their uid is known.
+        Returns the records that ended in this call. "Ended" needs evidence: the job is gone
+        from the view (its cgroup removed), or its source says it ended (the epilog's state
+        record). A job whose cgroup is still there with no slurmstepd in it (between steps
+        without PrologFlags=contain, a step being set up, or a crashed stepd) is only idle:
+        it ends once it has been idle for IDLE_GRACE, at the time it was last seen running.
+        A view with problems only adds: a source that cannot be read must not make every
+        job look ended. Jobs whose uid is still unknown (v2 paths with no process yet) are
+        recorded once their uid is known.
         """
         running = {j.job_id: j for j in view.jobs.values() if j.running and j.uid is not None}
         for job_id, job in running.items():
@@ -145,15 +159,26 @@ class JobHistory:
                 self._records[job_id] = replace(rec, user=job.user)
         if view.problems:
             return []
-        # Any running job keeps its record open, known uid or not (a v2 allocation whose only
-        # process is the root extern sleep has no uid yet, and is very much alive).
-        alive = {j.job_id for j in view.jobs.values() if j.running}
         ended = []
         for job_id, rec in list(self._records.items()):
-            if not rec.ended and job_id not in alive:
-                rec = replace(rec, end=now)
-                self._records[job_id] = rec
-                ended.append(rec)
+            if rec.ended:
+                continue
+            job = view.job(job_id)
+            if job is not None and job.running:
+                self._idle.pop(job_id, None)
+                continue
+            end = now
+            if job is not None and job.source != "statedir":
+                # Still there, no stepd: idle. (A state-dir record that says ended is the
+                # epilog's word: evidence enough.)
+                since = self._idle.setdefault(job_id, now)
+                if now - since < IDLE_GRACE:
+                    continue
+                end = since
+            self._idle.pop(job_id, None)
+            rec = replace(rec, end=end)
+            self._records[job_id] = rec
+            ended.append(rec)
         return ended
 
     def mark_ended(self, job_id: str, uid: int, now: float, start: float | None = None) -> None:

@@ -111,13 +111,18 @@ def plan_cleanup(
     system_ranges: Sequence[tuple[int, int]],
     now: float,
     nodes: Sequence[str] = (),
+    dir_grace: float | None = None,
 ) -> CleanupPlan:
     """The cleanup plan for one sweep.
 
     `running` are the node's running jobs, `ended` the remembered job records (records
     with `end is None` count as not ended), `live_uids` the uids owning any live process,
     `nodes` the node names under `job_container_base` (Slurm's BasePath/<node>/<job>).
+    `dir_grace`: how long after its end a job's directories wait (default the policy's
+    min_age, as loose files do: an end seen from the outside may be a job between steps);
+    the epilog, which is told the job ended, passes 0.
     """
+    grace = policy.min_age if dir_grace is None else dir_grace
     held: list[str] = []
     running_ids = {j.job_id for j in running}
     running_uids = {j.uid for j in running if j.uid is not None}
@@ -139,6 +144,11 @@ def plan_cleanup(
         if prev is None or (rec.end, rec.job_id) > (prev.end or 0.0, prev.job_id):
             last[rec.uid] = rec
         if not policy.enabled:
+            continue
+        if now - rec.end < grace:
+            held.append(
+                f"job {rec.job_id}: ended {now - rec.end:.0f}s ago; its dirs wait {grace:g}s"
+            )
             continue
         busy_uid = rec.uid in running_uids or rec.uid in live_uids
         for path, container, per_job in _job_paths(policy, rec, nodes):

@@ -42,11 +42,12 @@ def plan(ended, run=(), live=frozenset(), nodes=("vm",), policy=POLICY):
 CASES = [
     ("ended long ago, idle uid", [Rec("10", 5000, 0, NOW - 7200)], [], set(), {"10"}, {5000}),
     (
-        "ended recently: dirs yes, loose no",
+        # an end seen from outside may be a job between steps: its dirs wait min_age too
+        "ended recently: dirs wait, loose no",
         [Rec("11", 5000, 0, NOW - 60)],
         [],
         set(),
-        {"11"},
+        set(),
         set(),
     ),
     (
@@ -75,7 +76,7 @@ CASES = [
         [Rec("20", 5000, 0, NOW - 7200), Rec("21", 5000, 0, NOW - 5)],
         [],
         set(),
-        {"20", "21"},
+        {"20"},
         set(),
     ),
     (
@@ -181,3 +182,12 @@ def test_plan_carries_the_numbers_the_executor_needs() -> None:
     assert (p.now, p.min_age, p.max_listed) == (NOW, 3600, 20)
     (item,) = p.loose
     assert item.last_job == "60" and item.last_end == NOW - 7200
+
+
+def test_job_dirs_wait_for_the_grace_unless_the_epilog_says_the_job_ended() -> None:
+    recent = [Rec("30", 5000, 0, NOW - 60)]
+    p = plan(recent)
+    assert p.job_dirs == ()
+    assert "job 30: ended 60s ago; its dirs wait 3600s" in p.held
+    epilog = plan_cleanup(POLICY, [], recent, set(), SYS, NOW, ("vm",), dir_grace=0.0)
+    assert {i.job_id for i in epilog.job_dirs} == {"30"}

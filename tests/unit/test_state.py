@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from pruned.jobs.history import HISTORY_FILE, JobHistory, JobRecord
+from pruned.jobs.history import HISTORY_FILE, IDLE_GRACE, JobHistory, JobRecord
 from pruned.linux.atomic import write_json_atomic
 from pruned.model import Job, JobView
 
@@ -25,14 +25,32 @@ def test_observe_records_and_ends_jobs(tmp_path) -> None:
     assert h.observe(_view(_job("1"), _job("2", uid=30002, start=150.0)), now=200.0) == []
     assert [r.job_id for r in h.records()] == ["1", "2"]
     assert h.ended() == [] and h.last_end_for(30001) is None
-    # Job 1 is now present but not running (crashed step), job 2 still runs.
-    ended = h.observe(_view(_job("1", running=False), _job("2", uid=30002)), now=300.0)
+    # Job 1 is now present but not running (between steps, or a crashed step): idle, not
+    # ended; job 2 still runs.
+    assert h.observe(_view(_job("1", running=False), _job("2", uid=30002)), now=300.0) == []
+    assert h.get("1").end is None
+    # Idle past the grace: ended, at the time it was first seen idle.
+    later = 300.0 + IDLE_GRACE
+    ended = h.observe(_view(_job("1", running=False), _job("2", uid=30002)), now=later)
     assert ended == [JobRecord("1", 30001, 100.0, 300.0, None, "slurm")]
-    # Job 2 is gone from the view altogether.
-    assert h.observe(_view(), now=400.0) == [JobRecord("2", 30002, 150.0, 400.0, None, "slurm")]
+    # Job 2 is gone from the view altogether: its cgroup is gone, it ended now.
+    got = h.observe(_view(), now=later + 100)
+    assert got == [JobRecord("2", 30002, 150.0, later + 100, None, "slurm")]
     assert [r.job_id for r in h.ended()] == ["1", "2"]
-    assert h.last_end_for(30001) == 300.0 and h.last_end_for(30002) == 400.0
-    assert h.observe(_view(), now=500.0) == []  # ending is reported once
+    assert h.last_end_for(30001) == 300.0 and h.last_end_for(30002) == later + 100
+    assert h.observe(_view(), now=later + 200) == []  # ending is reported once
+
+
+def test_a_job_between_steps_is_idle_not_ended(tmp_path) -> None:
+    """Without PrologFlags=contain a running allocation has its cgroup and no stepd between
+    two steps: it must not be recorded ended (its job dirs would go)."""
+    h = JobHistory(str(tmp_path))
+    h.observe(_view(_job("4")), now=0.0)
+    for t in (10.0, 100.0, IDLE_GRACE - 1):  # no stepd for most of the grace
+        assert h.observe(_view(_job("4", running=False)), now=t) == []
+    assert h.observe(_view(_job("4")), now=IDLE_GRACE) == []  # the next step starts
+    assert h.observe(_view(_job("4", running=False)), now=IDLE_GRACE + 10) == []
+    assert h.get("4").end is None
 
 
 def test_a_view_with_problems_never_ends_jobs(tmp_path) -> None:
