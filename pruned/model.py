@@ -85,6 +85,9 @@ class Proc:
     cgroups: tuple[str, ...] = ()  # raw /proc/PID/cgroup lines, only in full reads
     pgid: int = 0
     sid: int = 0
+    # Its executable is verified to be the host's file at `exe` (same device and inode):
+    # set only for processes whose exe names a whitelisted path (pruned.linux.exeid).
+    exe_host: bool = False
 
     @property
     def key(self) -> ProcKey:
@@ -246,17 +249,20 @@ class KnownExes:
     daemons: frozenset[str] = frozenset()  # batch daemons and slurmstepd
     sshd: frozenset[str] = frozenset()
     whitelist: frozenset[str] = frozenset()
+    whitelist_ids: frozenset[tuple[int, int]] = frozenset()  # their (st_dev, st_ino) on the host
 
     @classmethod
     def of(
         cls,
         policy: Policy,
         resolve: Callable[[Iterable[str]], frozenset[str]] = frozenset,
+        ids: Callable[[tuple[str, ...]], frozenset[tuple[int, int]]] = lambda _p: frozenset(),
     ) -> KnownExes:
         return cls(
             resolve((*policy.batch_daemons, *policy.slurm.stepd)),
             resolve(policy.sshd_paths),
             resolve(policy.whitelist.exe),
+            ids(policy.whitelist.exe),
         )
 
 
@@ -323,6 +329,8 @@ class Policy:
     adopt_fallback: Action = Action.KILL
     kill_grace: float = 10.0
     max_kills_per_sweep: int = 50
+    # The epilog exits 1 (Slurm drains the node) when a process survived SIGKILL; false: 0.
+    epilog_drain_on_survivor: bool = True
     min_age: float = 10.0
     job_sources: tuple[str, ...] = ("slurm",)
     slurm: SlurmSource = field(default_factory=SlurmSource)

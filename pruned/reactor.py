@@ -34,7 +34,14 @@ from pruned.model import (
 )
 from pruned.rules.classify import classify
 from pruned.rules.decide import apply_brake, decide, held
-from pruned.sweep import SweepReport, audit_sweep, execute, known_exes, new_sweep_id
+from pruned.sweep import (
+    SweepReport,
+    audit_sweep,
+    execute,
+    known_exes,
+    new_sweep_id,
+    pin_host_exes,
+)
 
 MAX_ANCESTRY = 256
 _boot_time = lru_cache(maxsize=4)(procfs.boot_time)  # constant while the machine is up
@@ -172,7 +179,8 @@ class Reactor:
     def handle(self, pids: set[int]) -> SweepReport | None:
         """Classify and act on exactly these pids (ancestors are read, never acted on)."""
         policy, facts, sink = self.get_context()
-        snap = mini_snapshot(pids, self.proc_root)
+        exes = known_exes(policy)  # resolved by the last full sweep, not once per batch
+        snap = pin_host_exes(mini_snapshot(pids, self.proc_root), exes, self.proc_root)
         for p in snap.procs.values():
             self.children.setdefault(p.ppid, set()).add(p.pid)
         targets = {pid for pid in pids if pid in snap.procs}
@@ -190,7 +198,6 @@ class Reactor:
         doubt = tuple(f"cgroup {m.cgroup} is in Slurm's tree but not a layout pruned knows"
                       for pid, m in member.items() if not m.understood and pid in targets)
         view = replace(jobs, membership=member, problems=(*jobs.problems, *doubt))
-        exes = known_exes(policy)  # resolved by the last full sweep, not once per batch
         verdicts = classify(snap, view, policy, facts, exes)
         if self._protected is None:
             self._protected = protected_pids(self.proc_root)

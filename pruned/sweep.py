@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from pruned.act.adopt import adopt
@@ -25,7 +25,7 @@ from pruned.jobs.slurm import SlurmCgroupSource
 from pruned.jobs.slurmpath import slurm_lines, unknown_lines
 from pruned.jobs.source import JobSource, read_jobs
 from pruned.jobs.statedir import StateDirSource
-from pruned.linux import procfs
+from pruned.linux import exeid, procfs
 from pruned.linux.users import user_name
 from pruned.model import (
     Action,
@@ -63,7 +63,23 @@ def known_exes(policy: Policy) -> KnownExes:
     observations: the event path classifies many small batches, and resolving the links
     for each one cost ~15% of a batch. observe() clears the cache, so a changed link (an
     alternatives switch) is seen by the next sweep."""
-    return KnownExes.of(policy, procfs.exe_link_targets)
+    return KnownExes.of(policy, procfs.exe_link_targets, exeid.host_ids)
+
+
+def pin_host_exes(snap: Snapshot, exes: KnownExes, proc_root: str = "/proc") -> Snapshot:
+    """Mark the processes whose exe names a whitelisted path *and* is the host's file there
+    (Proc.exe_host): the classifier trusts a whitelisted exe only then. Costs one stat of
+    /proc/PID/exe per process that names such a path, nothing for the rest."""
+    if not exes.whitelist:
+        return snap
+    procs = dict(snap.procs)
+    for pid, p in snap.procs.items():
+        exe = p.exe
+        if exe is None or exe.removesuffix(exeid.DELETED) not in exes.whitelist:
+            continue
+        if exeid.exe_is_host_file(pid, exe, exes.whitelist_ids, proc_root):
+            procs[pid] = replace(p, exe_host=True)
+    return replace(snap, procs=procs)
 
 
 def observe(
@@ -77,7 +93,8 @@ def observe(
     """Read the node and decide, without acting: what scan, explain and every sweep start with."""
     known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
     exes = known_exes(policy)
-    snap = procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe))
+    snap = pin_host_exes(procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe)), exes,
+                         proc_root)  # fmt: skip
     jobs = read_jobs(make_sources(policy) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
     plan = decide(

@@ -23,7 +23,7 @@ from pruned.model import (
     Snapshot,
     Verdict,
 )
-from pruned.rules.trust import exe_in, in_ranges, is_kernel, is_root_daemon
+from pruned.rules.trust import in_ranges, is_kernel, is_root_daemon, is_whitelisted_exe
 
 
 class Facts(Protocol):
@@ -229,7 +229,7 @@ class _Classifier:
                 "whitelist.user",
                 f"uid {p.uid} is whitelisted (whitelist.users/groups)",
             )
-        if self.wl_exe and exe_in(p, self.wl_exe):
+        if self.wl_exe and is_whitelisted_exe(p, self.wl_exe):
             return Verdict(
                 ProcClass.WHITELISTED, "whitelist.exe", f"executable {p.exe} is whitelisted"
             )

@@ -61,6 +61,12 @@ def exe_in(proc: Proc, paths: Iterable[str]) -> bool:
     return proc.exe.removesuffix(DELETED) in paths
 
 
+def is_whitelisted_exe(proc: Proc, paths: Iterable[str]) -> bool:
+    """A whitelisted executable path, and verified to be the host's file there (exe_host):
+    a path shown from a mount namespace of the user's own proves nothing."""
+    return proc.exe_host and exe_in(proc, paths)
+
+
 def in_ranges(uid: int, ranges: Iterable[tuple[int, int]]) -> bool:
     """uid lies in one of the inclusive (low, high) ranges."""
     for lo, hi in ranges:  # noqa: SIM110 - a plain loop: runs once per process per sweep

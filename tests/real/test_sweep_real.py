@@ -8,6 +8,7 @@ job source stop every kill; the audit trail lands in journald or, without it, in
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -241,3 +242,53 @@ def test_term_respawning_stray_leaves_nothing_after_one_sweep(tmp_path, make_use
     kills = journald.wait_records(PRUNED_UID=str(eve.uid), PRUNED_EVENT="process_killed")
     assert all(k["PRUNED_CONTAINED"].startswith("contained in ") for k in kills)
     assert max(int(k["PRUNED_JOINED"]) for k in kills) >= 1
+
+
+def test_whitelisted_exe_path_forged_in_a_mount_namespace_is_not_whitelisted(tmp_path, make_user):
+    """Attack: a user shows the whitelisted path from a mount namespace of their own (their
+    binary bind-mounted over it). Only the host's file at that path (same device and inode)
+    is whitelisted; the forgery is a stray. The genuine agent of another user is whitelisted."""
+    mallory, agent_user = make_user("prsm"), make_user("prsa")
+    wl = tmp_path / "site" / "agent"
+    wl.parent.mkdir()
+    shutil.copy("/usr/bin/sleep", wl)  # the site's agent (a copy of sleep: its own inode)
+    fake = tmp_path / "mallory-bin"
+    shutil.copy("/usr/bin/sleep", fake)
+    for f in (wl, fake):
+        f.chmod(0o755)
+    tmp_path.chmod(0o755)
+    policy = write_policy(tmp_path, f"whitelist:\n  exe: [{wl}]\n")
+    forged = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount --bind {fake} {wl} && exec setpriv --reuid={mallory.uid} --regid={mallory.gid}"
+         f" --init-groups {wl} 600"],
+        start_new_session=True,
+    )  # fmt: skip
+    genuine = subprocess.Popen(
+        ["setpriv", f"--reuid={agent_user.uid}", f"--regid={agent_user.gid}", "--init-groups",
+         str(wl), "601"],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if os.readlink(f"/proc/{forged.pid}/exe") == str(wl) and os.readlink(
+                    f"/proc/{genuine.pid}/exe"
+                ) == str(wl):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
+        r = subprocess.run(
+            [sys.executable, "-m", "pruned.cli", "scan", "--json", "--policy", str(policy)],
+            capture_output=True, text=True, timeout=120, cwd=str(REPO),
+        )  # fmt: skip
+        rows = {d["pid"]: d for d in map(json.loads, r.stdout.splitlines())}
+        assert rows[forged.pid]["exe"] == str(wl)  # the path it shows is the whitelisted one
+        assert (rows[forged.pid]["class"], rows[forged.pid]["rule"]) == ("stray", "stray.default")
+        assert rows[genuine.pid]["rule"] == "whitelist.exe"
+    finally:
+        for p in (forged, genuine):
+            p.kill()
+            p.wait()

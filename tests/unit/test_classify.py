@@ -219,8 +219,12 @@ def test_sshd_session_in_ended_job_is_stray_and_whitelist_sshd_switch() -> None:
 
 def test_whitelist_exe() -> None:
     pol = Policy(whitelist=WhitelistPolicy(exe=("/usr/bin/vim",)))
-    v = classify(SNAP, JOBS, pol, F())
+    host = replace(SNAP.procs[612], exe_host=True)  # the host's /usr/bin/vim (same inode)
+    snap = replace(SNAP, procs={**SNAP.procs, 612: host})
+    v = classify(snap, JOBS, pol, F())
     assert (v[612].cls, v[612].rule) == (ProcClass.WHITELISTED, "whitelist.exe")
+    # The same path, not verified to be the host's file (a user's mount namespace): no.
+    assert classify(SNAP, JOBS, pol, F())[612].rule != "whitelist.exe"
 
 
 def test_deep_chain_is_not_recursive() -> None:
