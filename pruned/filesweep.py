@@ -12,6 +12,7 @@ from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
 from pruned.linux import procfs
 from pruned.linux.dirfd import container_nodes
+from pruned.linux.ipc import read_mqueues, read_sysvipc
 from pruned.linux.users import user_name
 from pruned.model import CleanupKind, JobView, Policy, Result
 from pruned.policy.facts import NodeFacts
@@ -63,8 +64,11 @@ class CleanReport:
     def lines(self) -> list[str]:
         out = []
         for o in self.outcomes:
-            job_dir = o.kind is CleanupKind.JOB_DIR
-            what = f"job {o.job_id} dir" if job_dir else f"uid {o.uid} files in"
+            what = {
+                CleanupKind.JOB_DIR: f"job {o.job_id} dir",
+                CleanupKind.LOOSE: f"uid {o.uid} files in",
+                CleanupKind.IPC: f"uid {o.uid} ipc",
+            }[o.kind]
             line = f"{o.result.value:<7} {what} {o.path}: {o.files} files, {o.dirs} dirs, "
             line += f"{o.bytes} bytes"
             if o.skipped:
@@ -80,7 +84,8 @@ class CleanReport:
         tail = f"; REPORT-ONLY: {self.report_only}" if self.report_only else ""
         out.append(
             f"clean {self.sweep_id} ({mode}): {len(self.plan.job_dirs)} job dirs, "
-            f"{len(self.plan.loose)} uids with loose files, {len(self.failed)} failed{tail}"
+            f"{len(self.plan.loose)} uids with loose files, {len(self.plan.ipc)} IPC objects, "
+            f"{len(self.failed)} failed{tail}"
         )
         return out
 
@@ -93,8 +98,10 @@ def run_clean(
     dry_run: bool | None = None,
     history: JobHistory | None = None,
     proc_root: str = "/proc",
+    mqueue: str = "/dev/mqueue",
 ) -> CleanReport:
-    """Plan and carry out one file cleanup; report-only while the job source is in doubt."""
+    """Plan and carry out one file cleanup (job dirs, loose files, IPC objects of uids that
+    are gone); report-only while the job source is in doubt."""
     dry = policy.dry_run if dry_run is None else dry_run
     now = time.time()
     sweep_id = new_sweep_id()
@@ -115,20 +122,23 @@ def run_clean(
         facts.system_ranges,
         now,
         container_nodes(base) if base else (),
+        ipc=read_sysvipc(proc_root) + read_mqueues(mqueue),
     )
     unknown = [j.job_id for j in jobs.running() if j.uid is None]
     if unknown and plan.loose:
         # A running job whose owner is not known yet could be any uid's: no loose files go.
         why = f"running job(s) {', '.join(unknown[:5])} with unknown uid: loose files kept"
-        plan = replace(plan, loose=(), held=(*plan.held, why))
+        plan = replace(plan, loose=(), ipc=(), held=(*plan.held, why))
     acting_dry = dry or report_only is not None
-    outcomes = execute_cleanup(plan, acting_dry)
+    outcomes = execute_cleanup(plan, acting_dry, ipc_roots=(proc_root, mqueue))
     report = CleanReport(sweep_id, acting_dry, plan, outcomes, report_only, ended_now)
     for o in outcomes:
         if o.result is Result.GONE:
             continue
         if o.kind is CleanupKind.JOB_DIR:
             rule, reason = "cleanup.job_dir", f"job {o.job_id} ended"
+        elif o.kind is CleanupKind.IPC:
+            rule, reason = "cleanup.ipc", f"uid {o.uid} has no job and no process"
         else:
             rule, reason = "cleanup.loose_files", f"uid {o.uid} has no job and no process"
         sink.emit(file_outcome_record(o, sweep_id, acting_dry, rule, reason))

@@ -52,6 +52,7 @@ class Result(StrEnum):
 class CleanupKind(StrEnum):
     JOB_DIR = "job_dir"  # one ended job's directory (remove_tree)
     LOOSE = "loose"  # one uid's old files in one root (remove_owned_files)
+    IPC = "ipc"  # one System V IPC object or POSIX message queue of such a uid
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -201,6 +202,26 @@ class Verdict:
     job_id: str | None = None
     decider: int | None = None  # pid of the ancestor that decided (daemon, sshd, ...)
     evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IpcObject:
+    """A System V IPC object or a POSIX message queue, as listed by pruned.linux.ipc."""
+
+    kind: str  # "shm", "sem", "msg" (System V) or "mqueue" (POSIX)
+    ident: str  # the System V id, or the queue's name
+    key: int
+    uid: int  # the owner
+    nattch: int  # shm: processes attached (never removed while > 0)
+    size: int  # shm: bytes; msg: bytes queued; mqueue: the file's size
+    ctime: int  # last change: with key and owner, tells a reused id apart
+
+    @property
+    def label(self) -> str:
+        """How records and tables name it: "sysv-shm:32769", "mqueue:/name"."""
+        if self.kind == "mqueue":
+            return f"mqueue:/{self.ident}"
+        return f"sysv-{self.kind}:{self.ident}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,9 @@ from pruned.linux.dirfd import WalkError, open_dir_path
 from pruned.linux.fdremove import remove_owned_files, remove_tree
 from pruned.linux.fdwalk import RemoveStats
 from pruned.linux.guards import Guards, read_guards
+from pruned.linux.ipc import remove_ipc
 from pruned.linux.mounts import detach_mounts
-from pruned.model import CleanupKind, Result
+from pruned.model import CleanupKind, IpcObject, Result
 from pruned.rules.cleanplan import CleanupPlan, JobDirItem, LooseFilesItem
 
 
@@ -121,7 +122,10 @@ def _job_dir(item: JobDirItem, dry_run: bool, guards: Guards, cap: int) -> Clean
 
 
 def execute_cleanup(
-    plan: CleanupPlan, dry_run: bool, guards: Guards | None = None
+    plan: CleanupPlan,
+    dry_run: bool,
+    guards: Guards | None = None,
+    ipc_roots: tuple[str, str] = ("/proc", "/dev/mqueue"),
 ) -> list[CleanupOutcome]:
     """Carry out (or, dry-run, walk without removing) every item of `plan`, one outcome each
     (per root for loose files). One failing item never stops the others."""
@@ -132,7 +136,30 @@ def execute_cleanup(
         out.append(_job_dir(item, dry_run, g, cap))
     for loose in plan.loose:
         out.extend(_loose(loose, plan, dry_run, g, cap))
+    out.extend(_ipc(obj, dry_run, ipc_roots) for obj in plan.ipc)
     return out
+
+
+def _ipc(obj: IpcObject, dry_run: bool, roots: tuple[str, str]) -> CleanupOutcome:
+    """Remove one IPC object of a uid that is gone (re-checked right before: same object,
+    unattached)."""
+    why = None if dry_run else remove_ipc(obj, *roots)
+    if why is None:
+        res = Result.WOULD if dry_run else Result.DONE
+    elif why == "gone":
+        res = Result.GONE
+    elif why.startswith(("attached", "changed")):
+        res = Result.SKIPPED
+    else:
+        res = Result.FAILED
+    detail = f"{obj.kind} key {obj.key:#x}, {obj.size} bytes"
+    return CleanupOutcome(
+        CleanupKind.IPC, obj.uid, obj.label, res, files=1 if why is None else 0,
+        bytes=obj.size if why is None else 0,
+        errors=(f"{obj.label}: {why}",) if res is Result.FAILED else (),
+        skipped=(f"{obj.label}: {why}",) if res is Result.SKIPPED else (),
+        detail=detail,
+    )  # fmt: skip
 
 
 def _loose(

@@ -14,7 +14,7 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from pruned.model import CleanupPolicy, Job
+from pruned.model import CleanupPolicy, IpcObject, Job
 from pruned.rules.trust import is_system_uid
 
 # What may be substituted into a path: no "/", no leading "." (so never "." or ".."), no NUL.
@@ -72,6 +72,7 @@ class CleanupPlan:
     now: float
     min_age: float
     max_listed: int
+    ipc: tuple[IpcObject, ...] = ()  # IPC objects of the loose-files uids, unattached
 
     @property
     def items(self) -> tuple[JobDirItem | LooseFilesItem, ...]:
@@ -112,6 +113,7 @@ def plan_cleanup(
     now: float,
     nodes: Sequence[str] = (),
     dir_grace: float | None = None,
+    ipc: Sequence[IpcObject] = (),
 ) -> CleanupPlan:
     """The cleanup plan for one sweep.
 
@@ -120,7 +122,9 @@ def plan_cleanup(
     `nodes` the node names under `job_container_base` (Slurm's BasePath/<node>/<job>).
     `dir_grace`: how long after its end a job's directories wait (default the policy's
     min_age, as loose files do: an end seen from the outside may be a job between steps);
-    the epilog, which is told the job ended, passes 0.
+    the epilog, which is told the job ended, passes 0. `ipc`: the node's IPC objects; those
+    of a uid whose loose files go (no job, no process, its last job ended min_age ago) go
+    too, unless attached.
     """
     grace = policy.min_age if dir_grace is None else dir_grace
     held: list[str] = []
@@ -181,6 +185,15 @@ def plan_cleanup(
                 )
                 loose.append(LooseFilesItem(uid, tuple(policy.roots), why, rec.job_id, end))
 
+    gone_uids = {item.uid for item in loose}
+    ipc_items = []
+    for obj in ipc:
+        if obj.uid not in gone_uids:
+            continue
+        if obj.nattch:
+            held.append(f"uid {obj.uid}: {obj.label} is attached by {obj.nattch} process(es)")
+        else:
+            ipc_items.append(obj)
     return CleanupPlan(
         job_dirs=tuple(dirs.values()),
         loose=tuple(loose),
@@ -188,6 +201,7 @@ def plan_cleanup(
         now=now,
         min_age=policy.min_age,
         max_listed=policy.max_listed,
+        ipc=tuple(ipc_items),
     )
 
 

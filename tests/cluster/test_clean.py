@@ -117,7 +117,7 @@ def test_ended_jobs_files_removed_running_jobs_kept(
 
     # 1. both jobs run: nothing to remove, but pruned now knows them (saved job history)
     r = clean(s.policy)
-    assert "0 job dirs, 0 uids with loose files, 0 failed" in r.stdout, r.stdout
+    assert "0 job dirs, 0 uids with loose files, 0 IPC objects, 0 failed" in r.stdout, r.stdout
     assert all(p.exists() for p in everything)
 
     # 2. A's job ends; a dry run says what it would remove and removes nothing
