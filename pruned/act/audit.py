@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pruned.model import Action, Outcome, Result
+from pruned.text import printable
 
 IDENTIFIER = "pruned"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"  # hard-coded in libsystemd too
@@ -59,6 +60,9 @@ MESSAGE_IDS: Mapping[str, str] = {
     "resync": "42efc98ebb4244d4ad516a0e5b1d0c95",
     "daemon_started": "0b593cff4611442aac3ab8d293d99f2c",
     "daemon_stopped": "383e699744584e10bc22bde66ce7e83e",
+    "policy_fallback": "91d37876e92a495784a4303b130215ce",
+    "epilog_error": "b25999160fa540df91d0ce94eeb64cca",
+    "epilog_timeout": "4f0e98bc036d43e9b47af85b057dfe5a",
 }
 
 PRIORITIES: Mapping[str, int] = {
@@ -74,6 +78,9 @@ PRIORITIES: Mapping[str, int] = {
     "config_rejected": WARNING,
     "brake_tripped": WARNING,
     "report_only": WARNING,
+    "policy_fallback": WARNING,  # the epilog could not use the policy: last good one, or nothing
+    "epilog_error": WARNING,  # the epilog hit an internal error and exited 0 anyway
+    "epilog_timeout": WARNING,  # the epilog ran out of its own time and exited 0
     "process_gone": INFO,
     "action_held": INFO,
     "process_ignored": INFO,
@@ -113,6 +120,13 @@ class AuditRecord:
     priority: int
     fields: Mapping[str, str]
     message: str
+
+    def __post_init__(self) -> None:
+        # The one boundary where user-chosen bytes (a comm, an exe or cwd path, a file name)
+        # become text for journald and JSON: escaped here, so no sink can fail to encode a
+        # record and none is lost (the kill already happened).
+        object.__setattr__(self, "message", printable(self.message))
+        object.__setattr__(self, "fields", {k: printable(v) for k, v in self.fields.items()})
 
     @property
     def message_id(self) -> str:

@@ -292,3 +292,42 @@ def test_whitelisted_exe_path_forged_in_a_mount_namespace_is_not_whitelisted(tmp
         for p in (forged, genuine):
             p.kill()
             p.wait()
+
+
+def test_stray_in_a_non_utf8_directory_is_killed_and_audited(tmp_path, make_user, journald):
+    """A stray whose cwd and executable path are not UTF-8 used to kill the sweep after the
+    kill (UnicodeEncodeError in the audit): now it is killed, and its record is in the journal
+    with the bad bytes shown as \\xNN."""
+    zed = make_user("prsz")
+    bad = os.path.join(os.fsencode(tmp_path), b"bad\xff\xfe")
+    os.mkdir(bad)
+    exe = os.path.join(bad, b"sl\xe9ep")
+    shutil.copy("/usr/bin/sleep", exe)
+    os.chmod(exe, 0o755)
+    tmp_path.chmod(0o755)
+    policy = write_policy(tmp_path)
+    p = subprocess.Popen(
+        [b"setpriv", f"--reuid={zed.uid}".encode(), f"--regid={zed.gid}".encode(),
+         b"--init-groups", exe, b"600"],
+        cwd=bad, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not os.path.exists(f"/proc/{p.pid}/exe"):
+            time.sleep(0.02)
+        while time.monotonic() < deadline and os.readlink(f"/proc/{p.pid}/exe".encode()) != exe:
+            time.sleep(0.02)
+        scan = subprocess.run(
+            [sys.executable, "-m", "pruned.cli", "scan", "--policy", str(policy)],
+            capture_output=True, text=True, timeout=120, cwd=str(REPO),
+        )  # fmt: skip
+        assert scan.returncode == 0, scan.stderr
+        r = sweep(policy, zed.uid)
+        assert r.returncode == 0, r.stderr
+        assert p.wait(timeout=15) is not None
+        rec = journald.wait_records(PRUNED_PID=str(p.pid), PRUNED_EVENT="process_killed")[-1]
+        assert rec["PRUNED_RESULT"] == "done"
+        assert "sl\\xe9ep" in rec["PRUNED_COMM"] or "sl\\xe9ep" in rec["MESSAGE"]
+    finally:
+        p.kill()
+        p.wait()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.fixtures.paths import REPO
 
-BASE = {"model", "exitcodes", "log", "__init__"}
+BASE = {"model", "exitcodes", "log", "text", "__init__"}
 ALLOWED = {
     "base": set(),
     "rules": {"model", "rules"},
