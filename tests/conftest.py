@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.users",
     "tests.fixtures.cluster",
     "tests.fixtures.tmpfs",
+    "tests.fixtures.lastgood",
 ]

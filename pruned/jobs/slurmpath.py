@@ -23,8 +23,9 @@ _STEPD_ARGV = re.compile(rb"slurmstepd: \[(\d+)(?:\+\d+)?\.[^\]]+\]")
 
 # Paths are anchored at the hierarchy's root: a look-alike tree inside a subtree a user owns
 # (systemd delegates user@UID.service to its user) never starts there. An absolute path under a
-# cgroup mount (/sys/fs/cgroup[/<controller>]) is read relative to that mount.
-_MOUNT = r"^(?:/sys/fs/cgroup(?:/[^/]+)?)?"
+# cgroup mount (/sys/fs/cgroup[/<controller>]) is read relative to that mount. A v1 controller
+# dir never ends in ".slice": the first slice of a v2 path is the path's, not a mount's.
+_MOUNT = r"^(?:/sys/fs/cgroup(?:/[^/]+(?<!\.slice))?)?"
 _V1_RE = re.compile(
     _MOUNT + r"/(?P<root>slurm[^/]*)/uid_(?P<uid>\d+)/job_(?P<job>\d+)"
     r"(?:/step_(?P<step>[^/]+)(?:/task_(?P<task>\d+))?)?/?$"

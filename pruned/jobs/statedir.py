@@ -1,7 +1,7 @@
 """The state-dir job source: per-job records `pruned prolog` / `pruned epilog` write.
 
 For batch systems whose jobs leave no cgroup tree to read (Torque/PBS, HTCondor, gLExec pool
-accounts): `<state_dir>/jobs/<job_id>.json`, root-only, written crash-safely.
+accounts): `<state_dir>/jobs/<job_id>.json` (see record_name), root-only, written crash-safely.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from pruned.model import Job, JobView
 
 DEFAULT_STATE_DIR = "/var/lib/pruned"
 JOBS_SUBDIR = "jobs"
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# A job id is what the batch system calls the job: Slurm "17" or a SLUID "s6T9M8T79NSN00",
+# PBS/Torque "123.server" or an array's "123[4].server", HTCondor "1234.0". Any printable
+# ASCII but '/' (so never a path: no '/', NUL, whitespace, '.' or '..', no leading '.'), at
+# most 64 characters. In the record's file name, characters other than letters, digits, '_',
+# '.' and '-' are written %XX (PBS "123[4].server" -> "123%5B4%5D.server.json"), so every
+# name pruned writes decodes back to exactly one id.
+_JOB_ID_RE = re.compile(r"[!-\-0-~][!-.0-~]{0,63}")
+_NAME_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_NAME_RE = re.compile(r"(?:[A-Za-z0-9_.\-]|%[0-9A-F]{2})+")
+RECORD_SUFFIX = ".json"
 
 
 def _check_private(path: str, st: os.stat_result) -> str | None:
@@ -28,11 +37,33 @@ def _check_private(path: str, st: os.stat_result) -> str | None:
     return None
 
 
+def record_name(job_id: str) -> str:
+    """The file name of job_id's record (`123%5B4%5D.server.json`); ValueError for an id that
+    is not a plain name."""
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+        raise ValueError(
+            f"job id {job_id!r}: expected at most 64 printable ASCII characters, "
+            "no '/', no whitespace, not starting with '.'"
+        )
+    return "".join(c if c in _NAME_KEEP else f"%{ord(c):02X}" for c in job_id) + RECORD_SUFFIX
+
+
+def job_id_of_record_name(name: str) -> str | None:
+    """The job id a record file name stands for; None for a name record_name never writes."""
+    stem = name.removesuffix(RECORD_SUFFIX)
+    if stem == name or not _NAME_RE.fullmatch(stem):
+        return None
+    job_id = re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m[1], 16)), stem)
+    try:
+        return job_id if record_name(job_id) == name else None
+    except ValueError:
+        return None
+
+
 def job_record_path(state_dir: str, job_id: str) -> str:
-    """`<state_dir>/jobs/<job_id>.json`; ValueError for a job id that is not a plain name."""
-    if not _JOB_ID_RE.match(job_id):
-        raise ValueError(f"job id {job_id!r}: expected letters, digits, '_', '.', '-'")
-    return os.path.join(state_dir, JOBS_SUBDIR, f"{job_id}.json")
+    """`<state_dir>/jobs/<record_name(job_id)>`; ValueError for a job id that is not a plain
+    name."""
+    return os.path.join(state_dir, JOBS_SUBDIR, record_name(job_id))
 
 
 class StateDirSource:
@@ -72,9 +103,15 @@ class StateDirSource:
                 continue  # tmp files of a writer that crashed or is still writing
             path = os.path.join(jobs_dir, name)
             try:
-                job = self._read_record(path, name.removesuffix(".json"))
+                job_id = job_id_of_record_name(name)
+                if job_id is None:
+                    raise ValueError("the file name is not one pruned writes for a job id")
+                job = self._read_record(path, job_id)
             except FileNotFoundError:
                 continue  # removed by a concurrent prune
+            except RecursionError:  # json nested thousands deep
+                problems.append(f"{path}: corrupt job record: nested too deeply")
+                continue
             except (OSError, ValueError) as e:
                 msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 problems.append(f"{path}: corrupt job record: {msg.splitlines()[0]}")
@@ -131,7 +168,7 @@ def end_job_record(state_dir: str, job_id: str, end: float, uid: int | None = No
             "job_id": rec.job_id, "uid": rec.uid, "start": rec.start,
             "end": rec.end if rec.end is not None else float(end), "user": rec.user,
         }  # fmt: skip
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         if uid is None:
             return False
         obj = {"job_id": job_id, "uid": uid, "start": float(end), "end": float(end), "user": None}
@@ -153,10 +190,13 @@ def prune_job_records(state_dir: str, older_than: float) -> int:
         if name.startswith(".") or not name.endswith(".json"):
             continue
         path = os.path.join(jobs_dir, name)
+        job_id = job_id_of_record_name(name)
+        if job_id is None:
+            continue  # not a record name: read() reports it
         try:
             with open(path, "rb") as f:
-                rec = parse_record(json.loads(f.read()), name.removesuffix(".json"))
-        except (OSError, ValueError):
+                rec = parse_record(json.loads(f.read()), job_id)
+        except (OSError, ValueError, RecursionError):
             continue  # corrupt ones stay, so the problem stays visible
         if rec.end is not None and rec.end < older_than:
             try:

@@ -23,11 +23,11 @@ def parse_locks(text: str) -> frozenset[tuple[int, int]]:
     (their st_dev is an anonymous one), where a held lock would go unseen.
     """
     out = set()
-    for line in text.splitlines():
+    for line in text.split("\n"):
         for tok in line.split():
             parts = tok.split(":")
             if len(parts) == 3 and parts[2].isdigit():
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, OverflowError):  # not a dev_t
                     out.add((os.makedev(int(parts[0], 16), int(parts[1], 16)), int(parts[2])))
                 break
     return frozenset(out)
@@ -36,7 +36,9 @@ def parse_locks(text: str) -> frozenset[tuple[int, int]]:
 def parse_unix_sockets(text: str) -> frozenset[str]:
     """Basenames of the filesystem unix sockets in /proc/net/unix text (abstract ones skipped)."""
     out = set()
-    for line in text.splitlines()[1:]:
+    # Only "\n" ends a line: socket paths are printed raw, and str.splitlines() would also
+    # split one at \r, \v, \f, \x1c-\x1e, \x85 or \u2028.
+    for line in text.split("\n")[1:]:
         cols = line.split(None, 7)
         if len(cols) == 8 and not cols[7].startswith("@"):
             out.add(cols[7].rstrip("/").rsplit("/", 1)[-1])

@@ -8,23 +8,32 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 
 
+_OCTAL = re.compile(rb"\\([0-3][0-7]{2})")
+
+
 def _unescape(field_: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 for space, ...)."""
+    """Undo mountinfo's octal escapes (\\040 for space, \\011, \\012, \\134: all the kernel
+    writes); any other backslash stays as it is."""
     if "\\" not in field_:
         return field_
-    return field_.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+    raw = _OCTAL.sub(lambda m: bytes((int(m[1], 8),)), field_.encode("utf-8", "surrogateescape"))
+    return raw.decode(errors="replace")
 
 
 def mount_points(mountinfo: str) -> list[str]:
     """Mount point paths in /proc/self/mountinfo text, in mount order."""
     out = []
-    for line in mountinfo.splitlines():
-        cols = line.split()
+    # Only "\n" ends a line and only " " separates fields: the kernel escapes space, tab,
+    # newline and backslash in paths but no other character that str.splitlines() or
+    # str.split() would also split at (\r, \v, \f, \x1c-\x1f, \x85, \xa0, \u2028, ...).
+    for line in mountinfo.split("\n"):
+        cols = line.split(" ")
         if len(cols) > 4:
             out.append(_unescape(cols[4]))
     return out

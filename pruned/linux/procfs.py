@@ -125,7 +125,10 @@ def parse_status(text: str) -> StatusFields:
 
 def parse_cgroup(text: str) -> tuple[str, ...]:
     """The raw "hierarchy-id:controllers:path" lines of /proc/PID/cgroup (v1 and v2 "0::/path")."""
-    return tuple(line for line in text.splitlines() if line.count(":") >= 2)
+    # Only "\n" ends a line: the kernel prints cgroup names unescaped and refuses only "\n" in
+    # them, so str.splitlines() (which also splits at \r, \v, \f, \x1c-\x1e, \x85, \u2028)
+    # would cut a name a user chose into a second, forged line.
+    return tuple(line for line in text.split("\n") if line.count(":") >= 2)
 
 
 def boot_time(proc_root: str = "/proc") -> float:
