@@ -18,7 +18,8 @@ from pruned.model import CleanupPolicy, IpcObject, Job
 from pruned.rules.trust import is_system_uid
 
 # What may be substituted into a path: no "/", no leading "." (so never "." or ".."), no NUL.
-_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_+@=-][A-Za-z0-9_.+@=-]*")
+# "[" and "]" appear in Torque/PBS array job ids (123[4].server).
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_+@=\[\]-][A-Za-z0-9_.+@=\[\]-]*")
 
 
 class EndedJob(Protocol):

@@ -19,12 +19,14 @@ JOB_ENV_KEYS = (b"SLURM_JOB_ID", b"SLURM_JOBID", b"PBS_JOBID")
 
 
 def job_ids_in_environ(data: bytes) -> set[str]:
-    """The job ids a NUL-separated environment names (the part before any '.': 17.batch)."""
+    """The job ids a NUL-separated environment names: each value whole (PBS passes its
+    epilog the full 123[4].server) and the part before its first '.' (123[4], Slurm's 17)."""
     out = set()
     for item in data.split(b"\0"):
         key, _, value = item.partition(b"=")
         if key in JOB_ENV_KEYS and value:
-            out.add(value.decode(errors="replace").split(".")[0])
+            text = value.decode(errors="replace")
+            out |= {text, text.split(".")[0]}
     return out
 
 

@@ -84,7 +84,8 @@ def test_other_users_are_never_targets() -> None:
 
 def test_job_ids_in_environ() -> None:
     env = b"HOME=/h\0SLURM_JOB_ID=17\0SLURM_JOBID=17\0PBS_JOBID=123[4].server\0X=SLURM_JOB_ID=9\0"
-    assert job_ids_in_environ(env) == {"17", "123[4]"}
+    assert job_ids_in_environ(env) == {"17", "123[4]", "123[4].server"}
     assert job_ids_in_environ(b"") == set()
     assert job_ids_in_environ(b"SLURM_JOB_ID=\0SLURM_JOB_ID") == set()
-    assert job_ids_in_environ(b"SLURM_JOB_ID=\xff\xfe.batch") == {"\ufffd\ufffd"}
+    got = job_ids_in_environ(b"SLURM_JOB_ID=\xff\xfe.batch")
+    assert got == {"\ufffd\ufffd", "\ufffd\ufffd.batch"}
