@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from pruned import __version__
+from pruned import __version__, text
 from pruned.exitcodes import EX_CONFIG, EX_FAILED, EX_NOPERM, EX_OK, EX_SOFTWARE, EX_USAGE
 from pruned.linux.users import user_label, user_name
 from pruned.model import Action, Decision, Policy, ProcClass
@@ -198,15 +198,92 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _candidate_name(args: argparse.Namespace) -> str:
+    """The name the candidate is merged as in --dir: --as, else its own name if a fragment's."""
+    from pruned.policy.yamltree import is_fragment_name
+
+    if args.as_name is not None:
+        if not is_fragment_name(args.as_name):
+            raise UsageError(f"--as {args.as_name!r}: expected a fragment file name like "
+                             "50-site.yaml (ends in .yaml, no '/', not a dot-file)")
+        return args.as_name
+    name = os.path.basename(args.path)
+    if not is_fragment_name(name):
+        raise UsageError(
+            f"cannot tell which fragment of {args.dir} the candidate {args.path} is: its name "
+            f"is not *.yaml; pass --as NAME, the name it will have there (Ansible's %s is a "
+            "temporary file: validate: pruned check-config --dir DIR --as 50-site.yaml %s)")
+    return name
+
+
+def _keep_last_good(path: str, loaded) -> str:
+    """Keep a validated policy as the last good one of its path; what happened, one line."""
+    from pruned.policy import lastgood
+    from pruned.policy.load import ETC_DIR
+
+    if os.geteuid() != 0:
+        return "not kept as the last good policy (only root keeps it)"
+    if not lastgood.keeps(path):
+        return f"not kept as the last good policy (not under {ETC_DIR})"
+    try:
+        saved = lastgood.save(path, loaded.contents, saved_by="check-config")
+    except (OSError, lastgood.LastGoodError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        return f"could not keep it as the last good policy: {why}"
+    if saved is None:
+        return "unchanged since it was last kept as the last good policy"
+    return f"kept as the last good policy of {saved.policy_path} in {saved.directory}"
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.path or default_policy_path()
-    policy = load_policy(path)
-    facts = resolve_facts(policy)
-    for name in facts.missing:
-        _note(f"{name} does not exist on this node")
-    mode = "report (dry-run)" if policy.dry_run else "enforce"
-    print(f"{path}: ok (mode {mode}, strays: {policy.stray_action.value}, "
-          f"files: {', '.join(policy.sources)})")
+    from pruned.policy import effective
+    from pruned.policy.load import load_path, load_with_candidate
+
+    if args.as_name is not None and args.dir is None:
+        raise UsageError("--as names the candidate's place in --dir DIR: pass --dir too")
+    candidate = name = None
+    if args.dir is not None and args.path is not None:
+        candidate, name = args.path, _candidate_name(args)
+        label = f"{candidate} as {os.path.join(args.dir, name)}"
+        path = args.dir
+    else:
+        path = args.dir or args.path or default_policy_path()
+        label = path
+    report: dict = {"path": path, "dir": args.dir, "candidate": candidate, "as": name}
+    try:
+        loaded = (load_with_candidate(args.dir, candidate, name) if candidate
+                  else load_path(path))
+    except PolicyError as e:
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, **report, "errors": e.details}, sort_keys=True))
+        return EX_CONFIG
+    policy = loaded.policy
+    notes = [f"{m} does not exist on this node" for m in resolve_facts(policy).missing]
+    # A candidate is not in force yet (Ansible moves it in place only after validate:), so
+    # only a policy validated where it lives becomes the epilog's fallback.
+    kept = (f"not kept as the last good policy (a candidate is not in {args.dir} yet)"
+            if candidate else _keep_last_good(path, loaded))
+    mode = "report" if policy.dry_run else "enforce"
+    if args.json:
+        out = {"ok": True, **report, "files": list(loaded.files), "mode": mode,
+               "stray_action": policy.stray_action.value, "notes": notes, "last_good": kept,
+               "errors": []}
+        if args.print:
+            out["values"] = effective.as_json(loaded)
+        print(json.dumps(out, sort_keys=True))
+        return EX_OK
+    for line in notes:
+        _note(line)
+    if args.print:
+        print(effective.render_yaml(loaded, f"effective policy of {label}: "
+                                    + ", ".join(loaded.files)), end="")
+    else:
+        shown = "report (dry-run)" if policy.dry_run else "enforce"
+        print(f"{label}: ok (mode {shown}, strays: {policy.stray_action.value}, "
+              f"files: {', '.join(policy.sources)})")
+    if not kept.startswith(("unchanged", "not kept")):
+        _note(kept)
     return EX_OK
 
 
@@ -293,6 +370,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(args.policy or default_policy_path(), uids=args.uids)
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP the daemon and wait for its verdict: 0 applied, 78 rejected (errors on stderr),
+    1 no answer. The unit's ExecReload=, so that `systemctl reload pruned` tells the truth."""
+    from pruned.service import is_pruned_daemon, read_reload_status
+
+    _need_root("reload")
+    pid = args.pid
+    if not is_pruned_daemon(pid):
+        raise UsageError(f"process {pid} is not a running `pruned run` daemon")
+    before = read_reload_status(pid)
+    seen = before["generation"] if before else -1
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status = read_reload_status(pid)
+        if status is not None and status["generation"] > seen:
+            break
+        if not is_pruned_daemon(pid):
+            _err(f"pruned {pid} exited during the reload")
+            return EX_FAILED
+        if time.monotonic() > deadline:
+            _err(f"no answer from pruned {pid} within {args.timeout:g}s: the reload may or may "
+                 "not have been applied (journalctl -t pruned says)")
+            return EX_FAILED
+        time.sleep(0.05)
+    if status.get("ok"):
+        print(f"pruned: {status.get('policy')} reloaded (mode {status.get('mode')})")
+        return EX_OK
+    for line in status.get("errors") or ():
+        print(line, file=sys.stderr)
+    _err(f"policy {status.get('policy')} rejected; pruned {pid} keeps running with the last "
+         "good one")
+    return EX_CONFIG
+
+
 def _job_args(args: argparse.Namespace) -> tuple[str, int, str | None]:
     job = args.job or os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
     uid_text = args.uid if args.uid is not None else (os.environ.get("SLURM_JOB_UID") or None)
@@ -311,23 +423,24 @@ def _job_args(args: argparse.Namespace) -> tuple[str, int, str | None]:
 
 
 def cmd_prolog(args: argparse.Namespace) -> int:
-    from pruned.epilog import run_prolog
+    from pruned.epilog import prolog_command
 
-    policy = load(args.policy)
-    _need_root("prolog")
     job, uid, user = _job_args(args)
-    return run_prolog(policy, job, uid, user)
+    return prolog_command(args.policy or default_policy_path(), job, uid, user,
+                          need_root=_need_root)
 
 
 def cmd_epilog(args: argparse.Namespace) -> int:
-    from pruned.epilog import run_epilog
-
-    policy = load(args.policy)
-    dry = args.dry_run or policy.dry_run  # mode: report reports here too
-    if not dry:
-        _need_root("epilog")
+    """Never 78 or 70: Slurm drains the node on any non-zero Epilog exit (pruned.epilog)."""
     job, uid, user = _job_args(args)
-    return run_epilog(policy, job, uid, user, dry_run=dry, sink=_sink(policy))
+    try:
+        from pruned.epilog import epilog_command
+    except Exception as e:  # a broken install must not drain every node either
+        _err(f"epilog of job {job}: internal error: {type(e).__name__}: {e}; exiting 0 so "
+             "Slurm does not drain the node")
+        return EX_OK
+    return epilog_command(args.policy or default_policy_path(), job, uid, user,
+                          dry_run=args.dry_run, need_root=_need_root)
 
 
 # ---------------------------------------------------------------- main
@@ -358,8 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
     policy_opt(sp)
     sp.set_defaults(fn=cmd_explain)
 
-    sp = sub.add_parser("check-config", help="validate a policy (exit 78 when invalid)")
-    sp.add_argument("path", nargs="?")
+    sp = sub.add_parser(
+        "check-config",
+        help="validate a policy (exit 78 when invalid)",
+        description="Validate a policy file or directory (default: the node's policy): exit 0 "
+        "when valid, 78 with every error as file:line: key: message. Run as root, a valid "
+        "policy under /etc/pruned is kept as the last good one of its path, which "
+        "pruned-epilog falls back to when the policy is broken.",
+    )
+    sp.add_argument("path", nargs="?", metavar="PATH|CANDIDATE",
+                    help="the policy to check; with --dir, a candidate fragment for DIR")
+    sp.add_argument("--dir", metavar="DIR",
+                    help="check CANDIDATE as one fragment of this policy.d directory: it "
+                    "replaces the file of its name there, or joins at that name's place in the "
+                    "lexical merge order (nothing is written)")
+    sp.add_argument("--as", dest="as_name", metavar="NAME",
+                    help="the candidate's file name in DIR (e.g. 50-site.yaml); needed when "
+                    "CANDIDATE is a temporary file, as with Ansible's validate: %%s")
+    sp.add_argument("--print", action="store_true",
+                    help="print the merged effective policy, each value with the file:line "
+                    "that set it (or (default))")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON object on stdout: ok, files, errors (file, line, key, "
+                    "message), with --print the values")
     sp.set_defaults(fn=cmd_check_config)
 
     sp = sub.add_parser("sweep", help="apply the policy to every process")
@@ -382,6 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="UID", help="act only on these uids (staged roll-out, tests)")
     sp.set_defaults(fn=cmd_run)
 
+    sp = sub.add_parser(
+        "reload",
+        help="make a running daemon reload its policy, and wait for the verdict",
+        description="Send SIGHUP to the daemon PID and wait until it says whether the policy "
+        "was applied (exit 0) or rejected (exit 78, every error on stderr; the daemon keeps "
+        "the last good one); 1 when it does not answer. The unit's ExecReload=.",
+    )
+    sp.add_argument("pid", type=_pid_arg, metavar="PID", help="the daemon ($MAINPID)")
+    sp.add_argument("--timeout", type=float, default=45.0, metavar="SECONDS",
+                    help="how long to wait for the verdict (default 45; systemd gives 60)")
+    sp.set_defaults(fn=cmd_reload)
+
     for name, fn, what in (("prolog", cmd_prolog, "record a job start"),
                            ("epilog", cmd_epilog, "clean up after a job that ended")):
         sp = sub.add_parser(name, help=f"{what} (batch system {name})")
@@ -396,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A comm, path or file name a user chose may not be UTF-8: print its bytes as \xNN
+    # rather than die in the middle of a table (pruned.text).
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=text.ERRORS)
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage, with argparse's one-line message
     try:

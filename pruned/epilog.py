@@ -4,16 +4,28 @@ The epilog observes the node like a sweep, picks the ended job's leftovers
 (pruned.rules.epilog says which), kills them through the same rails, brake and audit as a
 sweep, records the job as ended and removes its per-job directories. The prolog records a
 job start for the state-dir job source.
+
+Slurm drains a node whose Epilog exits non-zero, so `epilog_command` (what `pruned-epilog`
+runs) fails safe: a rejected or unreadable policy, or an internal error while loading it,
+makes it use the last policy that passed validation (pruned.policy.lastgood), or do nothing
+when there is none (`policy_fallback` record); an internal error while it runs
+(`epilog_error`), its own timeout (`epilog_timeout`) and the mass-kill brake (`brake_tripped`)
+are recorded and exit 0. Only a process that survived SIGKILL exits 1, and only while the
+policy says `epilog.drain_on_survivor: true` (the default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from pruned.act.audit import AuditSink
+from pruned.act.audit import AuditSink, event_record, make_sink
 from pruned.act.guard import protected_pids
 from pruned.act.remove import execute_cleanup
 from pruned.exitcodes import EX_FAILED, EX_OK
@@ -24,11 +36,15 @@ from pruned.jobs.statedir import end_job_record, write_job_record
 from pruned.linux import procfs
 from pruned.linux.dirfd import container_nodes
 from pruned.model import (
+    Action,
+    Outcome,
     Policy,
     Result,
     SweepPlan,
 )
+from pruned.policy import lastgood
 from pruned.policy.facts import resolve_facts
+from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.rules import cleanplan as cleanup
 from pruned.rules.decide import apply_brake
 from pruned.rules.epilog import epilog_targets, job_ids_in_environ
@@ -42,8 +58,29 @@ def read_env_jobs(pid: int, proc_root: str = "/proc") -> set[str]:
     return job_ids_in_environ(procfs.read_environ(pid, proc_root))
 
 
+class EpilogTimeout(BaseException):
+    """The epilog's own time ran out. A BaseException, so that no `except OSError` or
+    `except Exception` on the way (TimeoutError is an OSError) can swallow it."""
+
+
 def _alarm(_signo, _frame) -> None:
-    raise TimeoutError("epilog ran out of time")
+    raise EpilogTimeout("epilog ran out of time")
+
+
+def survivors(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The kills that failed: processes still alive after SIGKILL (and the freeze path), or
+    whose signal was refused. Pure."""
+    return [o for o in outcomes if o.decision.action is Action.KILL and o.result is Result.FAILED]
+
+
+def epilog_exit(outcomes: Sequence[Outcome], policy: Policy) -> int:
+    """The epilog's exit code. Pure: 1 (Slurm drains the node) only for a process that
+    survived SIGKILL, and only when the policy says epilog.drain_on_survivor; else 0.
+
+    Everything else the epilog may meet — the brake, report-only mode, a directory it could
+    not remove, a vanished process — is recorded and exits 0.
+    """
+    return EX_FAILED if survivors(outcomes) and policy.epilog_drain_on_survivor else EX_OK
 
 
 def run_epilog(
@@ -57,17 +94,30 @@ def run_epilog(
     proc_root: str = "/proc",
     print_fn: Callable[[str], None] = print,
 ) -> int:
-    """Kill what job_id left, remove its per-job dirs, record it ended. 0, or 1 on failure."""
+    """Kill what job_id left, remove its per-job dirs, record it ended; `epilog_exit`'s code.
+
+    Bounded in time (kill.grace + EPILOG_SLACK): running out records `epilog_timeout` and
+    returns 0 — Slurm's own timeout (PrologEpilogTimeout) drains the node, ours must not.
+    """
     budget = policy.kill_grace + EPILOG_SLACK
-    signal.signal(signal.SIGALRM, _alarm)
+    t0 = time.monotonic()
+    before = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(budget) + 1)
     try:
         return _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn)
-    except TimeoutError as e:
-        print_fn(f"pruned epilog: job {job_id}: {e} after {budget:.0f}s")
-        return EX_FAILED
+    except EpilogTimeout as e:
+        signal.alarm(0)
+        msg = (f"epilog of job {job_id} (uid {uid}) stopped: {e} after {budget:.0f}s "
+               f"(kill.grace + {EPILOG_SLACK:.0f}s); exiting 0 so the node is not drained, "
+               "the daemon's sweeps handle what is left")
+        print_fn(f"pruned epilog: {msg}")
+        _emit(sink, event_record("epilog_timeout", msg, job_id=job_id, uid=uid,
+                                 elapsed_ms=round((time.monotonic() - t0) * 1000)))
+        return EX_OK
     finally:
         signal.alarm(0)
+        if before is not None:  # None: a handler not set from Python; leave ours
+            signal.signal(signal.SIGALRM, before)
 
 
 def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> int:
@@ -138,18 +188,22 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
                                           f"job {job_id} ended (epilog)"))
             print_fn(f"{fo.result.value:<7} remove {fo.path}: {fo.files} files, {fo.bytes} bytes"
                      + (f"; {fo.detail}" if fo.detail else ""))
-    failed = [o for o in outcomes if o.result is Result.FAILED]
+    failed = survivors(outcomes)
     ffailed = [fo for fo in fouts if fo.result is Result.FAILED]
     print_fn(f"pruned epilog: job {job_id} uid {uid}: {why}; {len(outcomes)} processes, "
              f"{len(failed)} could not be killed; {len(fouts)} directories, "
              f"{len(ffailed)} failed")
-    # Only processes that survived count as failure (Slurm drains the node on non-zero):
-    # a directory that cannot be removed is reported but does not take the node out.
+    # A directory that cannot be removed is reported but does not take the node out; nor does
+    # the brake (brake_tripped is recorded): an admin reads the journal, the node keeps going.
     if plan.brake:
         print_fn(f"pruned epilog: job {job_id}: {plan.brake}")
-    # A tripped brake also exits 1: the node drains and an admin looks, rather than pruned
-    # guessing further.
-    return EX_FAILED if failed or plan.brake else EX_OK
+    code = epilog_exit(outcomes, policy)
+    if failed:
+        verdict = ("exit 1: Slurm drains the node (epilog.drain_on_survivor: true)" if code
+                   else "exit 0 (epilog.drain_on_survivor: false)")
+        print_fn(f"pruned epilog: job {job_id}: {len(failed)} processes survived SIGKILL; "
+                 f"{verdict}")
+    return code
 
 
 def run_prolog(policy: Policy, job_id: str, uid: int, user: str | None) -> int:
@@ -157,3 +211,171 @@ def run_prolog(policy: Policy, job_id: str, uid: int, user: str | None) -> int:
     write_job_record(policy.state_dir, job_id, uid, time.time(), user)
     return EX_OK
 
+
+# ---------------------------------------------------------------- failing safe
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChoice:
+    """The policy a one-shot hook runs with, and why, when it is not the one at `path`."""
+
+    path: str
+    policy: Policy | None  # None: neither the policy nor a last good one is usable
+    loaded: Loaded | None = None  # set when the policy at `path` itself passed validation
+    rejected: str = ""  # why the policy at `path` cannot be used ("" when it can)
+    first_error: str = ""
+    errors: int = 0
+    error_lines: tuple[str, ...] = ()
+    fallback: lastgood.Saved | None = None
+    no_fallback: str = ""  # why there is no last good policy to use either
+
+    def message(self, hook: str, job_id: str) -> str:
+        if self.fallback is not None:
+            return f"{hook} of job {job_id}: {self.rejected}; running with the " \
+                   f"{self.fallback.describe()}"
+        return (f"{hook} of job {job_id}: {self.rejected}; {self.no_fallback}: doing nothing "
+                f"for this job")
+
+    def record(self, hook: str, job_id: str, uid: int):
+        """The `policy_fallback` audit record (WARNING)."""
+        fb = self.fallback
+        return event_record(
+            "policy_fallback",
+            self.message(hook, job_id),
+            path=self.path,
+            reason=self.first_error or self.rejected,
+            errors=self.errors or None,
+            fallback=fb.directory if fb else None,
+            fallback_saved=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(fb.saved_at))
+            if fb else None,
+            fallback_files=" ".join(fb.sources) if fb else None,
+            result="fallback" if fb else "nothing done",
+            job_id=job_id,
+            uid=uid,
+        )
+
+
+def choose_policy(path: str, store: str | None = None) -> PolicyChoice:
+    """The policy at `path`, else its last good one, else none. Never raises."""
+    try:
+        loaded = load_path(path)
+        return PolicyChoice(path, loaded.policy, loaded)
+    except PolicyError as e:
+        more = f" (and {len(e.errors) - 1} more errors)" if len(e.errors) > 1 else ""
+        first = e.errors[0] if e.errors else path
+        rejected, errors = f"policy {path} rejected: {first}{more}", len(e.errors)
+        lines = tuple(e.errors)
+    except Exception as e:  # a loader bug must not drain the node either
+        first = f"internal error: {type(e).__name__}: {e}"
+        rejected, errors = f"policy {path} could not be loaded: {first}", 0
+        lines = (f"{path}: {first}",)
+    try:
+        policy, saved = lastgood.load(path, store)
+    except lastgood.LastGoodError as e:
+        why = str(e)
+    except Exception as e:
+        why = f"internal error reading the last good policy: {type(e).__name__}: {e}"
+    else:
+        return PolicyChoice(path, policy, rejected=rejected, first_error=first, errors=errors,
+                            error_lines=lines, fallback=saved)
+    return PolicyChoice(path, None, rejected=rejected, first_error=first, errors=errors,
+                        error_lines=lines, no_fallback=why)
+
+
+def _emit(sink: AuditSink, record) -> None:
+    """Write an audit record; a failing sink must not fail the epilog (JsonlSink already
+    falls back to stderr)."""
+    try:
+        sink.emit(record)
+    except Exception as e:
+        print(f"pruned: cannot write audit record {record.event}: {e}: {record.message}",
+              file=sys.stderr)
+
+
+def _sink_for(policy: Policy | None) -> AuditSink:
+    return make_sink(policy.audit_fallback if policy is not None else None)
+
+
+def _keep_last_good(choice: PolicyChoice) -> None:
+    """An epilog whose policy passed validation keeps it as the last good one (root only;
+    unchanged policies cost one read). A failure here is no reason to fail the epilog."""
+    if choice.loaded is None or os.geteuid() != 0 or not lastgood.keeps(choice.path):
+        return
+    try:
+        lastgood.save(choice.path, choice.loaded.contents, saved_by="epilog")
+    except Exception as e:
+        print(f"pruned: note: could not keep the policy as the last good one: {e}",
+              file=sys.stderr)
+
+
+def epilog_command(
+    path: str,
+    job_id: str,
+    uid: int,
+    user: str | None,
+    *,
+    dry_run: bool,
+    need_root: Callable[[str], None],
+    print_fn: Callable[[str], None] = print,
+    store: str | None = None,
+) -> int:
+    """`pruned epilog` / `pruned-epilog`: run_epilog, failing safe (see the module doc).
+
+    0 unless a process survived SIGKILL under epilog.drain_on_survivor: true (1), or the
+    epilog must act and is not root (PermissionError from need_root: 77, before anything).
+    """
+    sink: AuditSink | None = None
+    try:
+        choice = choose_policy(path, store)
+        sink = _sink_for(choice.policy)
+        if choice.rejected:
+            print_fn(f"pruned epilog: {choice.message('epilog', job_id)}")
+            _emit(sink, choice.record("epilog", job_id, uid))
+        policy = choice.policy
+        if policy is None:
+            return EX_OK
+        dry = dry_run or policy.dry_run  # mode: report reports here too
+    except Exception as e:
+        return _internal_error(e, job_id, uid, sink, print_fn)
+    if not dry:
+        need_root("epilog")  # PermissionError: 77, an installation error, before anything
+    try:
+        _keep_last_good(choice)
+        return run_epilog(policy, job_id, uid, user, dry_run=dry, sink=sink, print_fn=print_fn)
+    except Exception as e:
+        return _internal_error(e, job_id, uid, sink, print_fn)
+
+
+def _internal_error(e: Exception, job_id: str, uid: int, sink: AuditSink | None,
+                    print_fn: Callable[[str], None]) -> int:
+    what = f"{type(e).__name__}: {e}"
+    msg = (f"epilog of job {job_id} (uid {uid}): internal error: {what}; exiting 0 so Slurm "
+           "does not drain the node (PRUNED_DEBUG=1 shows the trace)")
+    if os.environ.get("PRUNED_DEBUG"):
+        traceback.print_exc()
+    with contextlib.suppress(Exception):
+        print_fn(f"pruned epilog: {msg}")
+    with contextlib.suppress(Exception):
+        _emit(sink or _sink_for(None), event_record("epilog_error", msg, job_id=job_id,
+                                                    uid=uid, reason=what))
+    return EX_OK
+
+
+def prolog_command(
+    path: str, job_id: str, uid: int, user: str | None, *, need_root: Callable[[str], None],
+    print_fn: Callable[[str], None] = print, store: str | None = None,
+) -> int:
+    """`pruned prolog`: a rejected policy falls back to the last good one, like the epilog
+    (Slurm drains the node and holds the job on a failed Prolog). Without either it still
+    fails (78): a job start the state-dir source never hears of would make the job's
+    processes look like strays."""
+    choice = choose_policy(path, store)
+    if choice.rejected:
+        print_fn(f"pruned prolog: {choice.message('prolog', job_id)}")
+        _emit(_sink_for(choice.policy), choice.record("prolog", job_id, uid))
+        if choice.policy is None:
+            raise PolicyError(list(choice.error_lines) or [choice.rejected])
+    assert choice.policy is not None
+    need_root("prolog")
+    _keep_last_good(choice)
+    return run_prolog(choice.policy, job_id, uid, user)

@@ -5,7 +5,11 @@
   sweep must let systemd's watchdog fire.
 - STATUS= one line about the last sweep; STOPPING=1 on SIGTERM, then a clean exit.
 - SIGHUP reloads the policy; a bad one is rejected (config_rejected in the journal) and the
-  last good one stays.
+  last good one stays. Each reload's verdict is written to `reload-<pid>.json` in the
+  last-good store, where `pruned reload PID` (the unit's ExecReload=) waits for it: so
+  `systemctl reload pruned` fails, with the errors, when the policy is rejected.
+- Every policy it loads or reloads is kept as the last good one of its path
+  (pruned.policy.lastgood), which `pruned-epilog` falls back to when the policy is broken.
 
 APScheduler runs the sweeps in worker threads (BackgroundScheduler); the main thread only
 waits for signals. Signal handlers just queue a token: nothing runs inside a handler that
@@ -14,6 +18,8 @@ could meet the scheduler's own locks half-taken.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import signal
@@ -34,10 +40,11 @@ from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
 from pruned.linux import connector as events
-from pruned.linux.atomic import write_atomic
+from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
 from pruned.model import JobView, Policy, Result
+from pruned.policy import lastgood
 from pruned.policy.facts import NodeFacts, resolve_facts
-from pruned.policy.load import PolicyError, load_policy
+from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
 
@@ -67,11 +74,55 @@ def sweep_interval(policy: Policy, watchdog_usec: str | None) -> float:
     return interval
 
 
+# ---------------------------------------------------------------- reload verdicts
+
+
+
+def reload_status_path(pid: int) -> str:
+    """Where the daemon with this pid writes the verdict of its latest (re)load."""
+    return os.path.join(lastgood.store_dir(), f"reload-{pid}.json")
+
+
+def read_reload_status(pid: int) -> dict | None:
+    """The daemon's latest verdict {generation, ok, policy, mode, errors, time}, or None."""
+    try:
+        with open(reload_status_path(pid), "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("generation"), int) else None
+
+
+def is_pruned_daemon(pid: int) -> bool:
+    """Whether pid runs `pruned run` (by its command line; only root can signal a root one)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run" in argv and any(b"pruned" in a for a in argv[:3])
+
+
+def _remove_stale_statuses() -> None:
+    """Verdict files of daemons that are gone (a crash leaves its file behind)."""
+    store = lastgood.store_dir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(store):
+            head, _, tail = name.partition("-")
+            pid = tail.removesuffix(".json")
+            if head == "reload" and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(store, name))
+
+
 class Daemon:
     def __init__(self, policy_path: str, *, uids: Collection[int] | None = None) -> None:
         self.policy_path = policy_path
         self.uids = set(uids) if uids else None
-        policy = load_policy(policy_path)  # PolicyError -> exit 78 in run_daemon
+        self.generation = 0  # reloads so far: the verdict file's counter
+        loaded = load_path(policy_path)  # PolicyError -> exit 78 in run_daemon
+        policy = loaded.policy
+        self.keep_last_good(loaded)
         # One tuple, swapped whole on reload: a sweep never sees a new policy with old facts.
         self._ctx: tuple[Policy, NodeFacts, AuditSink] = (
             policy, resolve_facts(policy), make_sink(policy.audit_fallback))
@@ -252,24 +303,54 @@ class Daemon:
         elif sched.get_job("clean"):
             sched.remove_job("clean")
 
-    def reload(self) -> None:
+    def keep_last_good(self, loaded: Loaded) -> None:
+        """Keep a policy that passed validation for the epilog to fall back to."""
+        if not lastgood.keeps(self.policy_path):
+            return
         try:
-            policy = load_policy(self.policy_path)
-        except PolicyError as e:
-            where = e.errors[0] if e.errors else self.policy_path
+            lastgood.save(self.policy_path, loaded.contents, saved_by="daemon")
+        except (OSError, lastgood.LastGoodError) as e:
+            log.warning(f"cannot keep the policy as the last good one for pruned-epilog: "
+                        f"{getattr(e, 'strerror', None) or e}")
+
+    def report_reload(self, ok: bool, errors: list[str]) -> None:
+        """The verdict of the latest (re)load, for `pruned reload` (ExecReload=) to wait on."""
+        mode = "report" if self.policy.dry_run else "enforce"
+        status = {"pid": os.getpid(), "generation": self.generation, "ok": ok,
+                  "policy": self.policy_path, "mode": mode, "errors": errors[:100],
+                  "time": time.time()}
+        try:
+            ensure_private_dir(lastgood.store_dir())
+            write_json_atomic(reload_status_path(os.getpid()), status)
+        except OSError as e:
+            log.warning(f"cannot write the reload verdict for `pruned reload`: {e.strerror}")
+
+    def reload(self) -> None:
+        self.generation += 1
+        try:
+            loaded = load_path(self.policy_path)
+            policy = loaded.policy
+            ctx = (policy, resolve_facts(policy), make_sink(policy.audit_fallback))
+        except Exception as e:  # PolicyError, or a bug: either way the old policy stays
+            errors = (e.errors if isinstance(e, PolicyError)
+                      else [f"{self.policy_path}: internal error: {type(e).__name__}: {e}"])
+            where = errors[0] if errors else self.policy_path
             msg = (f"policy {self.policy_path} rejected, keeping the last good one: "
-                   + " | ".join(e.errors[:20]))
+                   + " | ".join(errors[:20]))
             log.warning(msg)
             self.sink.emit(event_record("config_rejected", msg, path=self.policy_path,
-                                        reason=where, errors=len(e.errors)))
+                                        reason=where, errors=len(errors)))
             sd_notify(f"STATUS=policy rejected ({where}); running with the last good one")
+            self.report_reload(False, errors)
             return
-        self._ctx = (policy, resolve_facts(policy), make_sink(policy.audit_fallback))
+        self._ctx = ctx
+        self.keep_last_good(loaded)
         mode = "report" if policy.dry_run else "enforce"
         self.sink.emit(event_record("config_loaded", f"policy {self.policy_path} loaded "
                                     f"(mode {mode})", path=self.policy_path))
         self.schedule()
         self.start_events()
+        self.report_reload(True, [])
 
     def run(self) -> int:
         try:
@@ -291,12 +372,21 @@ class Daemon:
                                     f"{self.policy_path}; {self.events_note})",
                                     path=self.policy_path))
         self.scheduler.start()
+        _remove_stale_statuses()
+        self.report_reload(True, [])
         sd_notify(f"READY=1\nSTATUS=ready (mode {mode}); first sweep running")
         # The first sweeps now, not one interval from now.
         self.scheduler.add_job(self.process_sweep, id="first", executor="sweeps")
         self.scheduler.add_job(self.refresh_jobs, id="first-jobs", executor="files")
         while True:
-            token = self.tokens.get()
+            # Python runs signal handlers in the main thread, but the kernel may hand SIGHUP
+            # to a worker thread (after a SIGSTOP/SIGCONT, say); then nothing interrupts a
+            # blocking get(). Waking every second bounds how late a reload (which
+            # `pruned reload` waits for) or a stop can be.
+            try:
+                token = self.tokens.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if token == "reload":
                 # sd_notify(3): RELOADING=1 carries the CLOCK_MONOTONIC time of the request.
                 sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
@@ -309,6 +399,8 @@ class Daemon:
         self.scheduler.shutdown(wait=True)
         with self.files_lock:
             self.history.save()
+        with contextlib.suppress(OSError):
+            os.unlink(reload_status_path(os.getpid()))
         self.sink.emit(event_record("daemon_stopped", "pruned stopped"))
         return EX_OK
 

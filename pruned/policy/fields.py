@@ -202,14 +202,20 @@ def list_of(item: Check, *, non_empty: bool = False, post: ListPost | None = Non
 _RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 
 
+def _uid_number(digits: str) -> int:
+    """A uid from its digits; anything longer than any uid is just "too big" (int() of
+    thousands of digits is refused by Python, and slow before that)."""
+    return int(digits) if len(digits) <= 12 else UID_MAX + 1
+
+
 def uid_range(node: Node, path: str, errs: Errors) -> Any:
     """A uid or "lo-hi" range as (lo, hi), inside UID_RAIL..UID_MAX."""
     v = node.value
     if type(v) is int:
         lo = hi = v
     elif isinstance(v, str) and (m := _RANGE.fullmatch(v)):
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) else lo
+        lo = _uid_number(m.group(1))
+        hi = _uid_number(m.group(2)) if m.group(2) else lo
     else:
         errs.at(
             node,
@@ -309,6 +315,14 @@ def job_dir_item(node: Node, path: str, errs: Errors) -> Any:
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+MAX_DURATION = 366 * 86400.0  # longer than a year is a typo (or 400 nines), never a setting
+
+
+def _bounded(seconds: float, text: str | int | float) -> float:
+    if not seconds <= MAX_DURATION:  # also inf and nan
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+        raise ValueError(f"{shown} is too long a duration (at most 366d)")
+    return seconds
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -320,7 +334,7 @@ def parse_duration(text: str | int | float) -> float:
             raise ValueError(f"a duration must be finite, got {text}")
         if text < 0:
             raise ValueError(f"a duration cannot be negative, got {text}")
-        return float(text)
+        return _bounded(float(text), text)
     s = text.strip()
     if not s:
         raise ValueError("empty duration (write e.g. 10s)")
@@ -332,7 +346,7 @@ def parse_duration(text: str | int | float) -> float:
             "reads 1:30 as 90); write units, e.g. 90s, 1m30s or 1h30m"
         )
     if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", s):
-        return float(s)
+        return _bounded(float(s), text)
     total, pos, last = 0.0, 0, math.inf
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
@@ -350,4 +364,4 @@ def parse_duration(text: str | int | float) -> float:
         last = _UNITS[unit]
         total += float(m.group(1)) * _UNITS[unit]
         pos = m.end()
-    return total
+    return _bounded(total, text)

@@ -59,6 +59,7 @@ SCHEMA: dict[str, Any] = {
         "grace": _Field(duration(False), "kill_grace"),
         "max_per_sweep": _Field(integer(1), "max_kills_per_sweep"),
     },
+    "epilog": {"drain_on_survivor": _Field(boolean, "epilog_drain_on_survivor")},
     "min_age": _Field(duration(False), "min_age"),
     "jobs": {
         "sources": _Field(list_of(one_of("slurm", "statedir"), non_empty=True), "job_sources"),

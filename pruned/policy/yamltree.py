@@ -18,6 +18,7 @@ import yaml
 POLICY_VERSION = 1
 MAX_POLICY_BYTES = 1 << 20  # a policy is a page of YAML; refuse to parse megabytes of it
 MAX_NODES = 100_000  # caps alias expansion ("billion laughs") while walking the tree
+MAX_DEPTH = 64  # a policy is four levels deep; [[[[...]]]] thousands deep is an attack
 
 
 # ---------------------------------------------------------------- the strict loader
@@ -87,13 +88,14 @@ class Errors:
     """Every problem found so far, as `file:line: path: message`, sorted on output."""
 
     order: dict[str, int] = field(default_factory=dict)  # file -> load order
-    items: list[tuple[int, int, str, str]] = field(default_factory=list)
+    # (load order, line, path, text, file, message): sorted by the first four
+    items: list[tuple[int, int, str, str, str, str]] = field(default_factory=list)
 
     def add(self, file: str, line: int | None, path: str, msg: str) -> None:
         """Record one problem at file:line (line None: about the whole file)."""
         where = f"{file}:{line}" if line else file
         text = f"{where}: {path}: {msg}" if path else f"{where}: {msg}"
-        self.items.append((self.order.get(file, -1), line or 0, path, text))
+        self.items.append((self.order.get(file, -1), line or 0, path, text, file, msg))
 
     def at(self, node: Node, path: str, msg: str, *, item: bool = False) -> None:
         """Record a problem with node: at its key's line, or its own line for list items."""
@@ -101,7 +103,15 @@ class Errors:
 
     def lines(self) -> list[str]:
         """The messages in load order of their files, then by line and path."""
-        return [t for *_, t in sorted(self.items)]
+        return [item[3] for item in sorted(self.items)]
+
+    def details(self) -> list[dict[str, Any]]:
+        """The same problems, in the same order, as {file, line, key, message, text}."""
+        return [
+            {"file": file, "line": line or None, "key": path or None, "message": msg,
+             "text": text}
+            for _, line, path, text, file, msg in sorted(self.items)
+        ]  # fmt: skip
 
 
 def show(node: Node) -> str:
@@ -176,6 +186,9 @@ def _walk(
         errs.add(file, line, path, "recursive alias")
         return None
     stack = (*stack, id(ynode))
+    if len(stack) > MAX_DEPTH:
+        errs.add(file, line, path, f"nested more than {MAX_DEPTH} levels deep")
+        return None
     if isinstance(ynode, yaml.ScalarNode):
         try:
             value = _scalar(ynode)
@@ -215,8 +228,8 @@ def _walk(
     return Node(mapping, file, line, key_line)
 
 
-def read_file(file: str, errs: Errors) -> Node | None:
-    """Parse one policy file into a located tree; None (and errors) when it is unusable."""
+def read_bytes(file: str, errs: Errors) -> bytes | None:
+    """The bytes of one policy file; None (and an error) when it cannot be read."""
     try:
         with open(file, "rb") as f:
             data = f.read(MAX_POLICY_BYTES + 1)
@@ -226,6 +239,17 @@ def read_file(file: str, errs: Errors) -> Node | None:
     if len(data) > MAX_POLICY_BYTES:
         errs.add(file, None, "", f"cannot read: larger than {MAX_POLICY_BYTES} bytes")
         return None
+    return data
+
+
+def read_file(file: str, errs: Errors) -> Node | None:
+    """Parse one policy file into a located tree; None (and errors) when it is unusable."""
+    data = read_bytes(file, errs)
+    return None if data is None else parse_bytes(file, data, errs)
+
+
+def parse_bytes(file: str, data: bytes, errs: Errors) -> Node | None:
+    """Parse the bytes of one policy file (named `file` in errors) into a located tree."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -233,6 +257,10 @@ def read_file(file: str, errs: Errors) -> Node | None:
         return None
     try:
         root = yaml.compose(text, Loader=StrictLoader)
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        errs.add(file, None, "", f"YAML nested too deeply (a policy needs at most {MAX_DEPTH} "
+                 "levels)")
+        return None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -271,17 +299,32 @@ def read_file(file: str, errs: Errors) -> Node | None:
     return node
 
 
-def policy_files(path: str, errs: Errors) -> list[str]:
-    """The files a policy path stands for: itself, or a directory's *.yaml in lexical order."""
-    if not os.path.isdir(path):
-        return [path]
+def is_fragment_name(name: str) -> bool:
+    """Whether a directory entry is a policy fragment: `*.yaml`, not a dot-file.
+
+    Dot-files are editor and package-manager leftovers (.#50-site.yaml, .dpkg-new...).
+    """
+    return name.endswith(".yaml") and not name.startswith(".") and "/" not in name
+
+
+def fragment_names(path: str, errs: Errors) -> list[str] | None:
+    """A policy directory's fragment names in lexical (merge) order; None if unreadable."""
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
         errs.add(path, None, "", f"cannot read: {e.strerror or e}")
+        return None
+    return [n for n in names if is_fragment_name(n)]
+
+
+def policy_files(path: str, errs: Errors) -> list[str]:
+    """The files a policy path stands for: itself, or a directory's *.yaml in lexical order."""
+    if not os.path.isdir(path):
+        return [path]
+    names = fragment_names(path, errs)
+    if names is None:
         return []
-    # Dot-files are editor and package-manager leftovers (.#50-site.yaml, .dpkg-new...).
-    files = [os.path.join(path, n) for n in names if n.endswith(".yaml") and not n.startswith(".")]
+    files = [os.path.join(path, n) for n in names]
     if not files:
         errs.add(path, None, "", "no *.yaml policy files in this directory")
     return files

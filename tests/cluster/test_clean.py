@@ -120,32 +120,35 @@ def test_ended_jobs_files_removed_running_jobs_kept(
     assert "0 job dirs, 0 uids with loose files, 0 IPC objects, 0 failed" in r.stdout, r.stdout
     assert all(p.exists() for p in everything)
 
-    # 2. A's job ends; a dry run says what it would remove and removes nothing
+    # 2. A's job ends. The next clean records the end, and holds its dirs: an end seen from
+    #    outside waits min_age (a job between steps looks the same for a moment).
     c.scancel(job_a)
     c.wait_gone(job_a)
+    t_end = time.monotonic()
     assert not [p for p in pids_of_uid(alice.uid) if alive(p)]
+    r = clean(s.policy)
+    assert f"held    job {job_a}: ended" in r.stdout and "its dirs wait" in r.stdout, r.stdout
+    assert f"would   job {job_a} dir" not in r.stdout, r.stdout
+    assert all(p.exists() for p in everything)
+
+    # 3. after min_age a dry run says what it would remove and removes nothing
+    time.sleep(max(0.0, MIN_AGE + 0.5 - (time.monotonic() - t_end)))
     r = clean(s.policy, dry_run=True)
     for d in a_dirs:
         assert f"would   job {job_a} dir {d}:" in r.stdout, r.stdout
     assert "(dry-run)" in r.stdout and f"job {job_b} " not in r.stdout, r.stdout
     assert all(p.exists() for p in everything)
 
-    # 3. the real clean: A's per-job dirs go, B's stay; A's loose file waits for min_age
+    # 4. the real clean: A's per-job dirs and old loose file go, a file A made just now stays
+    #    (younger than min_age), B keeps all
+    young = s.tmp / "young-alice"
+    assert run_as(alice, ["touch", str(young)]).wait(30) == 0
     r = clean(s.policy)
-    t_cleaned = time.monotonic()
     lines = r.stdout.splitlines()
     # bytes: what the filesystem got back (one 4 KiB page per small file on tmpfs)
     assert f"done    job {job_a} dir {a_dirs[0]}: 2 files, 2 dirs, 8192 bytes" in lines, r.stdout
     assert f"done    job {job_a} dir {a_dirs[1]}: 1 files, 1 dirs, 4096 bytes" in lines, r.stdout
     assert not any(d.exists() for d in a_dirs)
-    assert all(p.exists() for p in (*b_dirs, b_loose, a_loose))
-    assert f"held    uid {alice.uid}: last job {job_a} ended" in r.stdout, r.stdout
-
-    # 4. after min_age: A's loose file goes, a file A made just now stays, B keeps all
-    time.sleep(max(0.0, MIN_AGE + 0.5 - (time.monotonic() - t_cleaned)))
-    young = s.tmp / "young-alice"
-    assert run_as(alice, ["touch", str(young)]).wait(30) == 0
-    r = clean(s.policy)
     assert f"done    uid {alice.uid} files in {s.tmp}: 1 files" in r.stdout, r.stdout
     assert not a_loose.exists()
     assert young.exists(), r.stdout

@@ -6,6 +6,8 @@ sweeps while slurmd is down.
 - a user with two jobs: ending one leaves the other job, its adopted ssh session and the
   user's other processes alive; ending the last one kills the user's strays.
 - slurmd stopped while job cgroups hold processes: sweeps act on nothing and say why.
+- a broken policy never drains the node: without a last good policy the epilog does nothing
+  and exits 0, with one it does its job with it and exits 0; the node stays in service.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from pruned.policy.lastgood import STORE_ENV
 from tests.fixtures.cluster import WORKDIR, run_cluster_sh
 from tests.fixtures.paths import REPO
 from tests.fixtures.users import alive, daemon_as, wait_dead, wait_for_pid
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
-
 
 
 @pytest.fixture
@@ -47,8 +49,11 @@ def epilog_setup(tmp_path: Path):
     )
     log = tmp_path / "epilog.log"
     wrapper = tmp_path / "epilog.sh"
+    # slurmd gives epilogs an environment of its own: the test session's last-good store.
+    store = os.environ.get(STORE_ENV, "")
     wrapper.write_text(
         "#!/bin/sh\n"
+        f"export {STORE_ENV}={store}\n"
         f'echo "== job $SLURM_JOB_ID uid $SLURM_JOB_UID" >> {log}\n'
         f"{REPO}/.venv/bin/pruned-epilog --policy {policy} >> {log} 2>&1\n"
         f'rc=$?; echo "== rc $rc" >> {log}; exit $rc\n'
@@ -118,6 +123,61 @@ def test_two_jobs_ending_one_keeps_the_other(exclusive_cluster, make_user, epilo
         assert "last job" in out1, out1
         assert wait_dead(outside), out1
         assert "== rc 0" in out1
+
+
+def node_state(node: str) -> str:
+    r = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True,
+                       text=True, timeout=30)
+    return r.stdout.strip().lower()
+
+
+def test_broken_policy_never_drains_the_node(exclusive_cluster, make_user, epilog_setup,
+                                             journald):
+    """Configuration management pushes a broken policy: Slurm's Epilog still exits 0 (Slurm
+    would DRAIN the node otherwise), first doing nothing (no last good policy of this path
+    yet), then — once the policy was validated and kept — doing its job with the last good
+    one. Both are said in the journal (policy_fallback)."""
+    policy, _root, wrapper, log = epilog_setup
+    carol = make_user("prbp")
+    good = policy.read_text()
+    broken = good + "kill_typo: {grace: 5s}\n"
+    with exclusive_cluster.configured(proctrack="linuxproc", epilog=str(wrapper)) as c:
+        policy.write_text(broken)
+        job1 = c.sbatch(carol, "( setsid -f bash -c 'exec -a prbp_escapee1 sleep 900' & )\n"
+                               "sleep 1\n")
+        esc1 = wait_for_pid(carol.uid, "prbp_escapee1", timeout=60)
+        c.wait_gone(job1)
+        out1 = epilog_ran(log, job1)
+        assert "== rc 0" in out1 and "no last good policy" in out1, out1
+        time.sleep(0.5)
+        assert alive(esc1), "without a usable policy the epilog must not act"
+        assert "drain" not in node_state(c.node), out1
+        # PRUNED_PATH is this test's own policy: job ids start again when the cluster does.
+        rec1 = journald.wait_records(PRUNED_EVENT="policy_fallback", PRUNED_JOB_ID=str(job1),
+                                     PRUNED_PATH=str(policy))
+        assert rec1[0]["PRUNED_RESULT"] == "nothing done"
+        assert rec1[0]["PRUNED_REASON"].startswith(f"{policy}:17: kill_typo: unknown key")
+
+        policy.write_text(good)
+        r = subprocess.run([sys.executable, "-m", "pruned.cli", "check-config", str(policy)],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert r.returncode == 0 and "kept as the last good policy" in r.stderr, r.stderr
+        policy.write_text(broken)
+        job2 = c.sbatch(carol, "( setsid -f bash -c 'exec -a prbp_escapee2 sleep 900' & )\n"
+                               "sleep 1\n")
+        esc2 = wait_for_pid(carol.uid, "prbp_escapee2", timeout=60)
+        c.wait_gone(job2)
+        out2 = epilog_ran(log, job2)
+        assert "== rc 0" in out2 and "running with the last good policy" in out2, out2
+        assert wait_dead([esc1, esc2]), out2  # carol's last job: all of her strays go
+        assert "drain" not in node_state(c.node), out2
+        rec2 = journald.wait_records(PRUNED_EVENT="policy_fallback", PRUNED_JOB_ID=str(job2),
+                                     PRUNED_PATH=str(policy))
+        assert rec2[0]["PRUNED_RESULT"] == "fallback" and rec2[0]["PRIORITY"] == "4"
+        assert rec2[0]["PRUNED_FALLBACK_FILES"] == str(policy)
+        epilog_pid = rec2[0]["_PID"]  # the same epilog process then killed the stray
+        journald.wait_records(PRUNED_EVENT="process_killed", PRUNED_PID=str(esc2),
+                              _PID=epilog_pid)
 
 
 def test_slurmd_down_makes_sweeps_report_only(exclusive_cluster, make_user, tmp_path):

@@ -485,6 +485,79 @@ def test_sighup_bad_policy_keeps_old_one_good_policy_applies(tmp_path, make_user
     assert d.stop() == 0
 
 
+def exec_reload_argv(pid: int) -> list[str]:
+    """The unit's ExecReload= line as systemd would run it for MAINPID=pid, with this
+    checkout's pruned in place of the installed one."""
+    unit = (REPO / "systemd" / "pruned.service").read_text()
+    [line] = [ln for ln in unit.splitlines() if ln.startswith("ExecReload=")]
+    exe, *args = line.removeprefix("ExecReload=").split()
+    assert os.path.basename(exe) == "pruned", line
+    return [sys.executable, "-m", "pruned.cli", *(a.replace("$MAINPID", str(pid)) for a in args)]
+
+
+def reload_as_systemd(pid: int, env: dict[str, str], *extra: str):
+    return subprocess.run([*exec_reload_argv(pid), *extra], capture_output=True, text=True,
+                          timeout=90, cwd=REPO, env={**os.environ, **env})
+
+
+def test_reload_fails_visibly_when_the_policy_is_rejected(tmp_path, make_user, start_daemon):
+    """`systemctl reload pruned` runs ExecReload=: it exits 78 with the offending line when the
+    daemon rejects the policy (the journal gets both that and config_rejected), 0 once a good
+    one is applied; the daemon keeps each policy it applies as the last good one."""
+    from pruned.policy import lastgood
+
+    user = make_user("prd")
+    store = tmp_path / "store"
+    env = {lastgood.STORE_ENV: str(store)}
+    policy = write_policy(tmp_path, events=False, schedule={"sweep": "2s"})
+    d = start_daemon(policy, [user.uid], env=env)
+    d.ready()
+    first = lastgood.current(str(policy), str(store))
+    assert first is not None and first.saved_by == "daemon"
+    assert Path(first.files[0]).read_text() == policy.read_text()
+
+    good = policy.read_text()
+    policy.write_text(good.replace('"mode": "enforce"', '"mode": "enforcing"'))
+    r = reload_as_systemd(d.pid, env)
+    assert r.returncode == EX_CONFIG, r.stdout + r.stderr
+    assert f"{policy}:3: mode: expected one of report, enforce; got 'enforcing'" in r.stderr
+    assert "keeps running with the last good one" in r.stderr
+    rec = d.wait_audit(PRUNED_EVENT="config_rejected")
+    assert f"{policy}:3" in rec["PRUNED_REASON"]
+    assert d.proc.poll() is None
+    assert lastgood.current(str(policy), str(store)).directory == first.directory
+    pid = plant_stray(user, "prd_after_rejected_reload")  # the old, enforcing policy holds
+    assert wait_dead(pid, 8)
+
+    write_policy(tmp_path, events=False, schedule={"sweep": "2s"}, mode="report")
+    r = reload_as_systemd(d.pid, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{policy} reloaded (mode report)" in r.stdout
+    d.wait_audit(PRUNED_EVENT="config_loaded")
+    now = lastgood.current(str(policy), str(store))
+    assert now.directory != first.directory and '"report"' in Path(now.files[0]).read_text()
+    assert d.stop() == 0
+    assert not (store / f"reload-{d.pid}.json").exists()
+
+
+def test_reload_without_an_answer_fails(tmp_path, make_user, start_daemon):
+    """A daemon that cannot answer (stopped here) makes the reload fail, not pass silently."""
+    from pruned.policy import lastgood
+
+    user = make_user("prd")
+    env = {lastgood.STORE_ENV: str(tmp_path / "store")}
+    d = start_daemon(write_policy(tmp_path, schedule={"sweep": FAR}), [user.uid], env=env)
+    d.ready()
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        r = reload_as_systemd(d.pid, env, "--timeout", "1")
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    assert r.returncode == 1 and "no answer from pruned" in r.stderr, r.stderr
+    d.wait_audit(PRUNED_EVENT="config_loaded")  # the queued SIGHUP is handled once it runs
+    assert d.stop() == 0
+
+
 # ------------------------------------------------------------------ degraded event paths
 
 

@@ -16,7 +16,7 @@ from tests.fixtures.paths import REPO
 
 UNIT = REPO / "systemd" / "pruned.service"
 VENV_PRUNED = REPO / ".venv" / "bin" / "pruned"
-SHIPPED_EXEC = "/usr/local/sbin/pruned"
+SHIPPED_EXEC = "/usr/sbin/pruned"
 
 
 def directives(text: str) -> list[tuple[str, str]]:
@@ -57,7 +57,8 @@ def local_unit() -> str:
     if not VENV_PRUNED.exists():
         pytest.skip(f"{VENV_PRUNED} missing (run scripts/setup.sh)")
     text = UNIT.read_text()
-    assert text.count(SHIPPED_EXEC) == 1
+    execs = [v.split()[0] for k, v in directives(text) if k.startswith("Exec")]
+    assert execs and all(e == SHIPPED_EXEC for e in execs), execs  # one pruned for all
     return text.replace(SHIPPED_EXEC, str(VENV_PRUNED))
 
 
@@ -84,6 +85,13 @@ def test_unit_promises():
     # pruned cleans the real /tmp and writes job cgroups: neither may be sandboxed away.
     assert "PrivateTmp" not in keys
     assert "ProtectControlGroups" not in keys
+
+
+def test_reload_waits_for_the_daemons_verdict():
+    """`systemctl reload` must fail on a rejected policy: ExecReload= is `pruned reload`,
+    which waits for the daemon's answer (tests/real/test_daemon.py runs this very line)."""
+    text = UNIT.read_text()
+    assert one(text, "ExecReload") == f"{SHIPPED_EXEC} reload $MAINPID"
 
 
 def test_every_kept_capability_is_explained():

@@ -12,9 +12,17 @@ import yaml
 
 from pruned.exitcodes import EX_CONFIG
 from pruned.model import UID_RAIL, Action, CleanupPolicy, Policy, SystemPolicy, WhitelistPolicy
+from pruned.policy import effective
 from pruned.policy.facts import merge_ranges, parse_login_defs, resolve_facts, sys_uid_range
 from pruned.policy.fields import parse_duration
-from pruned.policy.load import PolicyError, default_policy_path, load_policy
+from pruned.policy.load import (
+    PolicyError,
+    default_policy_path,
+    load_path,
+    load_policy,
+    load_with_candidate,
+    schema_targets,
+)
 from pruned.policy.yamltree import StrictLoader
 from tests.fixtures.paths import REPO
 
@@ -422,3 +430,145 @@ def test_overridden_mistakes_are_still_reported(tmp_path: Path) -> None:
         f"{tmp_path}/00-a.yaml:3: kill.grace: '5x' is not a duration: unknown unit 'x' "
         "(units: d, h, m, s, ms)"
     ]
+
+
+# ---------------------------------------------------------------- a candidate in its directory
+
+
+def _policy_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "policy.d"
+    d.mkdir()
+    _write(d / "00-default.yaml", "version: 1\nschedule:\n  sweep: 5m\n")
+    _write(d / "50-site.yaml", "version: 1\nmode: enforce\nkill:\n  grace: 4s\n")
+    return d
+
+
+def test_candidate_valid_only_in_its_directory(tmp_path: Path) -> None:
+    """The case Ansible's validate: needs: alone the fragment breaks a cross-key rule (grace
+    2m against the default 1m sweep); with the directory's 5m sweep it is fine."""
+    d = _policy_dir(tmp_path)
+    cand = _write(tmp_path / "tmpXYZ", "version: 1\nkill:\n  grace: 2m\n")
+    assert any("must be shorter than schedule.sweep" in e for e in _errors(cand))
+    loaded = load_with_candidate(str(d), str(cand), "50-site.yaml")
+    assert loaded.policy.kill_grace == 120.0 and loaded.policy.sweep_interval == 300.0
+    # It replaced 50-site.yaml: that file's mode: enforce is gone with it.
+    assert loaded.policy.dry_run is True
+    assert loaded.files == (str(d / "00-default.yaml"), str(cand))
+    assert loaded.values["kill.grace"][1].file == str(cand)
+    assert loaded.values["schedule.sweep"][1].file == str(d / "00-default.yaml")
+    assert (d / "50-site.yaml").read_text().startswith("version: 1\nmode: enforce")  # untouched
+
+
+def test_candidate_joins_at_its_names_place(tmp_path: Path) -> None:
+    d = _policy_dir(tmp_path)
+    cand = _write(tmp_path / "c.yaml", "version: 1\nmode: report\nkill:\n  grace: 7s\n")
+    early = load_with_candidate(str(d), str(cand), "30-early.yaml")  # before 50-site
+    assert early.files == (str(d / "00-default.yaml"), str(cand), str(d / "50-site.yaml"))
+    assert early.policy.kill_grace == 4.0 and early.policy.dry_run is False  # 50-site wins
+    late = load_with_candidate(str(d), str(cand), "90-late.yaml")  # after it
+    assert late.policy.kill_grace == 7.0 and late.policy.dry_run is True
+
+
+def test_candidate_errors_name_the_candidate(tmp_path: Path) -> None:
+    d = _policy_dir(tmp_path)
+    cand = _write(tmp_path / "source", "version: 1\nkill:\n  grace: 10m\n")
+    with pytest.raises(PolicyError) as info:
+        load_with_candidate(str(d), str(cand), "50-site.yaml")
+    assert info.value.errors == [
+        f"{cand}:3: kill.grace: kill.grace (600s, set at {cand}:3) must be shorter than "
+        f"schedule.sweep (300s, set at {d}/00-default.yaml:3): a kill must finish before the "
+        "next sweep"
+    ]
+    assert info.value.details == [
+        {"file": str(cand), "line": 3, "key": "kill.grace", "text": info.value.errors[0],
+         "message": info.value.errors[0].split("kill.grace: ", 1)[1]}
+    ]
+
+
+def test_candidate_in_an_empty_or_missing_directory(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    cand = _write(tmp_path / "c", "version: 1\n")
+    assert load_with_candidate(str(tmp_path / "empty"), str(cand), "00-x.yaml").files == (
+        str(cand),
+    )
+    with pytest.raises(PolicyError) as info:
+        load_with_candidate(str(tmp_path / "nope"), str(cand), "00-x.yaml")
+    assert info.value.errors == [
+        f"{tmp_path / 'nope'}: not a directory (--dir takes a policy.d directory)"
+    ]
+
+
+def test_load_path_keeps_the_bytes_it_validated(tmp_path: Path) -> None:
+    d = _policy_dir(tmp_path)
+    loaded = load_path(d)
+    assert loaded.contents == {str(f): f.read_bytes() for f in sorted(d.iterdir())}
+    assert load_policy(d) == loaded.policy
+
+
+# ---------------------------------------------------------------- the effective policy
+
+
+def test_print_shows_every_key_with_its_origin_and_loads_back(tmp_path: Path) -> None:
+    d = _policy_dir(tmp_path)
+    loaded = load_path(d)
+    by_key = {e.key: e for e in effective.entries(loaded)}
+    assert set(by_key) == set(schema_targets())
+    assert by_key["kill.grace"].origin == f"{d}/50-site.yaml:4"
+    assert by_key["mode"].value == "enforce" and by_key["mode"].line == 2
+    assert by_key["schedule.sweep"].yaml == "5m"
+    assert by_key["min_age"].origin == "(default)" and by_key["min_age"].value == 10.0
+    assert by_key["system.uid_ranges"].value == ["60000-64999", "65534"]
+    assert by_key["actions.system"].value == "ignore"
+    text = effective.render_yaml(loaded, "test")
+    assert "grace: 4s" in text and f"# {d}/50-site.yaml:4" in text
+    out = _write(tmp_path / "effective.yaml", text)
+    assert dataclasses.replace(load_policy(out), sources=()) == dataclasses.replace(
+        loaded.policy, sources=()
+    )
+    as_json = effective.as_json(loaded)
+    assert as_json["kill.grace"] == {"value": 4.0, "file": f"{d}/50-site.yaml", "line": 4}
+    assert as_json["cleanup.job_container_base"] == {"value": None, "file": None, "line": None}
+
+
+@pytest.mark.parametrize("name", [*sorted(p.name for p in SHIPPED.glob("*.yaml")), "full"])
+def test_print_of_every_shipped_policy_loads_back(tmp_path: Path, name: str) -> None:
+    path = GOOD / "full.yaml" if name == "full" else SHIPPED / name
+    loaded = load_path(path)
+    out = _write(tmp_path / "effective.yaml", effective.render_yaml(loaded, name))
+    assert dataclasses.replace(load_policy(out), sources=()) == dataclasses.replace(
+        loaded.policy, sources=()
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (10, "10s"), (90, "1m30s"), (5400, "1h30m"), (0.5, "500ms"), (2.5, "2s500ms"),
+     (172800, "2d"), (3601.001, "1h1s1ms")],
+)
+def test_format_duration_round_trips(seconds: float, text: str) -> None:
+    assert effective.format_duration(seconds) == text
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+# ---------------------------------------------------------------- hostile sizes (fuzz finds)
+
+
+def test_deep_nesting_is_an_error_not_a_recursion_error(tmp_path: Path) -> None:
+    deep = _write(tmp_path / "deep.yaml", "version: 1\nmin_age: " + "[" * 5000 + "\n")
+    assert _errors(deep) == [f"{deep}: YAML nested too deeply (a policy needs at most 64 levels)"]
+    medium = _write(tmp_path / "medium.yaml", "version: 1\nmin_age: " + "[" * 80 + "]" * 80 + "\n")
+    assert f"{medium}:2: min_age" + "[0]" * 63 + ": nested more than 64 levels deep" in (
+        _errors(medium)
+    )
+
+
+def test_huge_numbers_are_errors(tmp_path: Path) -> None:
+    uids = _write(tmp_path / "u.yaml", f'version: 1\nsystem:\n  uid_ranges: ["{"1" * 5000}"]\n')
+    [err] = _errors(uids)
+    assert err.startswith(f"{uids}:3: system.uid_ranges[0]: uids end at 4294967294, got")
+    sweep = _write(tmp_path / "s.yaml", f"version: 1\nschedule:\n  sweep: {'9' * 400}s\n")
+    [err] = _errors(sweep)
+    assert err.endswith("... is too long a duration (at most 366d)")
+    assert parse_duration("366d") == 366 * 86400
+    with pytest.raises(ValueError, match="too long a duration"):
+        parse_duration("367d")
