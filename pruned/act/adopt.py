@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pruned.act.guard import guard, protected_pids
 from pruned.act.tree import Tree, expand
-from pruned.linux.cgroupfs import write_text
+from pruned.linux.cgroupfs import ensure_task_special, write_text
 from pruned.linux.pidfd import live_stat
 from pruned.linux.procfs import read_stat
 from pruned.model import ProcKey, Result
@@ -165,6 +165,7 @@ def _adopt_one(
             steps.append(AdoptStep(key, d, Result.GONE, "gone or pid reused before the write"))
             return Result.GONE if result == Result.DONE and d == dirs[0] else Result.FAILED
         try:
+            ensure_task_special(d)
             write_text(f"{d}/cgroup.procs", str(key.pid))
         except OSError as e:
             if e.errno == errno.ESRCH:

@@ -258,6 +258,10 @@ class _SlurmRead:
                 acc.extern_step_dirs.append(cg_dir)
                 if sp.version == 1:
                     acc.extern_dirs.append(cg_dir)  # v1: the step cgroup of each hierarchy
+                elif not os.path.isdir(f"{cg_dir}/user/task_special"):
+                    # 26.05 makes the leaf only when it first adopts: adoption makes it too
+                    # (pruned.linux.cgroupfs.ensure_task_special).
+                    acc.extern_dirs.append(f"{cg_dir}/user/task_special")
             elif sp.task == "special":
                 # v2 allows processes only in leaves: Slurm itself puts the extern step's
                 # processes, and what pam_slurm_adopt adopts, in step_extern/user/task_special.

@@ -6,6 +6,7 @@ Knows cgroupfs, not Slurm: which cgroups are a job's is pruned.jobs' business.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -49,6 +50,15 @@ def write_text(path: str, text: str) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+def ensure_task_special(path: str) -> None:
+    """Create a v2 step's `user/task_special` leaf if it is missing, as slurmstepd does when it
+    adopts a process (Slurm 26.05 makes it only then): a process may only join a leaf, and
+    this is the leaf Slurm kills with the job. Any other missing directory stays missing."""
+    if path.endswith("/user/task_special") and os.path.isdir(os.path.dirname(path)):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
 
 
 def subdirs(path: str, prefix: str) -> list[tuple[str, str]]:

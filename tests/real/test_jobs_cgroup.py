@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pruned.jobs.slurm import SlurmCgroupSource
+from pruned.model import ProcKey
 from tests.fixtures.paths import REPO
 from tests.fixtures.users import User, run_as
 
@@ -484,6 +485,34 @@ def test_v2_sluid_job_dirs_and_another_slice(v2: V2World, bins) -> None:
         for d in (other, os.path.dirname(other)):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+
+
+def test_v2_adoption_makes_the_extern_leaf_when_slurm_has_not(v2: V2World, bins) -> None:
+    """26.05 creates step_extern/user/task_special only when it first adopts a process; until
+    then the job's adoption target is that leaf, and adopting makes it, then moves there."""
+    from pruned.act.adopt import adopt
+
+    cg = Cgroups()
+    job = _job_id()
+    try:
+        stepd = cg.start([bins["stepd"], "600"])
+        cg.put(stepd, f"{v2.scope}/job_{job}/step_extern/slurm")
+        cg.mkdir(f"{v2.scope}/job_{job}/step_extern/user")
+        task = cg.start(["sleep", "601"], v2.user_a)
+        cg.put(task, f"{v2.scope}/job_{job}/step_batch/user/task_0")
+        stray = cg.start(["sleep", "602"], v2.user_a)
+        leaf = f"{v2.scope}/job_{job}/step_extern/user/task_special"
+        j = _source(bins, cgroup_root=UNIFIED, find_outside_stepds=False).read().jobs[job]
+        assert j.extern_dirs == (leaf,) and not os.path.exists(leaf)
+        with open(f"/proc/{stray}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+        r = adopt(ProcKey(stray, start), [], j.extern_dirs, dry_run=False, uid=v2.user_a.uid)
+        cg.dirs.append(leaf)  # removed with the others
+        assert r.ok, r.describe()
+        with open(f"{leaf}/cgroup.procs") as f:
+            assert str(stray) in f.read().split()
+    finally:
+        cg.cleanup()
 
 
 # ------------------------------------------------------------------ the real cluster (optional)
