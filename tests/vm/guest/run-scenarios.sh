@@ -45,10 +45,20 @@ fi
 cat "$R/info.txt"
 
 # ---- install pruned as a site admin would (README "Installing on a node") ------------------
+# pip puts the commands in /usr/local/bin; the shipped unit runs them from wherever its
+# ExecStart= says (the Debian package's /usr/sbin, or /usr/local/sbin), so link them there,
+# as README's install steps did with `ln -s`.
+link_commands() {
+    local dir cmd
+    dir=$(dirname "$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$P/systemd/pruned.service" | head -n1)")
+    for cmd in pruned pruned-epilog pruned-prolog; do
+        [[ -e $dir/$cmd ]] || ln -s "/usr/local/bin/$cmd" "$dir/$cmd"
+    done
+}
 install_pruned() {
     python3 -m pip install -q --no-deps --no-index --break-system-packages \
         --disable-pip-version-check "$P"/wheel/pruned-*.whl &&
-        ln -sf /usr/local/bin/pruned /usr/local/sbin/pruned &&
+        link_commands &&
         install -d -m 755 /etc/pruned/policy.d &&
         install -m 644 "$P/policies/default.yaml" /etc/pruned/policy.d/00-default.yaml &&
         install -m 644 "$P/scenarios/policy-vm.yaml" /etc/pruned/policy.d/50-vm.yaml &&
@@ -64,7 +74,9 @@ if ! install_pruned; then
     exit 1
 fi
 systemd-analyze security --no-pager pruned.service >"$R/security.txt" 2>&1 || true
-tail -n 1 "$R/security.txt"
+echo "pruned_exposure=$(sed -n 's/.*Overall exposure level for pruned.service: \([0-9.]* [A-Z]*\).*/\1/p' \
+    "$R/security.txt")" >>"$R/info.txt"
+tail -n 1 "$R/info.txt"
 
 # ---- the scenarios ---------------------------------------------------------------------------
 cd "$P/scenarios" || exit 1

@@ -55,11 +55,14 @@ ConstrainCores=yes
 EOF
 
 # ---- test users -----------------------------------------------------------------------------
-# alice: a job, ssh adopted into it; bob: a stray outside Slurm; carol: an admin allowed in by
-# pam_access without a job (and whitelisted in pruned's policy); dave: a job whose slurmstepds
-# are killed (its processes are left behind).
+# alice: a job, ssh adopted into it; bob: a stray outside Slurm and a lingering systemd --user;
+# carol: an admin allowed in by pam_access without a job (and whitelisted in pruned's policy);
+# dave: a job whose slurmstepds are killed (its processes are left behind); erin: a job and a
+# stray that pruned adopts into it; frank: let in by pam_access but not whitelisted (a login
+# that bypassed adoption).
+USERS=(alice bob carol dave erin frank)
 uid=2001
-for u in alice bob carol dave; do
+for u in "${USERS[@]}"; do
     id "$u" >/dev/null 2>&1 || useradd -m -u "$uid" -s /bin/bash "$u"
     uid=$((uid + 1))
 done
@@ -67,7 +70,7 @@ done
 # ---- sshd with pam_access + pam_slurm_adopt (harness.md section 2) -----------------------
 install -d -m 700 /root/.ssh
 [[ -f /root/.ssh/vm_key ]] || ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/vm_key
-for u in alice bob carol dave; do
+for u in "${USERS[@]}"; do
     install -d -o "$u" -g "$u" -m 700 "/home/$u/.ssh"
     install -o "$u" -g "$u" -m 600 /root/.ssh/vm_key.pub "/home/$u/.ssh/authorized_keys"
 done
@@ -81,6 +84,7 @@ UsePAM yes
 EOF
 cat >/etc/security/access-pruned-vm.conf <<'EOF'
 +:carol:ALL
++:frank:ALL
 -:ALL:ALL
 EOF
 # Right after the common account stack: the admin passes pam_access ("sufficient") and skips

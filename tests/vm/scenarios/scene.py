@@ -5,6 +5,9 @@
 - bob's process started outside Slurm (a stray);
 - carol's ssh session (the admin pam_access lets in without a job; whitelisted by the policy);
 - dave's job whose slurmstepds were killed with SIGKILL before scancel: what it leaves behind;
+- the systemd escape routes of a real node: bob's `systemd --user` manager (linger enabled) and
+  a `systemd-run --user` unit of his; frank's ssh login that pam_access let past
+  pam_slurm_adopt (it stays in ssh.service) and a daemon it double-forked;
 - the node's own daemons (slurmd, the slurmstepd scope's keeper, slurmctld, sshd).
 
 Built once per session (`conftest.scene`); every process gets a role, and ROLES says what
@@ -22,6 +25,7 @@ from vmlib import (
     RESULTS,
     Proc,
     alive,
+    as_user,
     by_argv0,
     in_job_dir,
     job_dir_of,
@@ -61,11 +65,18 @@ ROLES: dict[str, Role] = {
     "slurmd": Role("system", True, "slurmd (slurmd.service)"),
     "slurmctld": Role("system", True, "slurmctld (uid slurm)"),
     "stray_outside": Role("stray", True, "bob's setsid -f process started outside Slurm"),
-    "admin_priv": Role("system", True, "root sshd [priv] of carol's session"),
+    "admin_priv": Role("system", True, "root sshd [priv] of carol's, frank's logins"),
     "admin_session": Role("whitelisted", True, "carol's sshd session process"),
     "admin_command": Role("whitelisted", True, "the command of carol's ssh session"),
     "crash_left": Role("stray", True, "dave's processes left in his job after the stepds died"),
     "crash_root_left": Role("system", False, "root processes left in dave's job"),
+    # pruned's documented default: a user's systemd --user outside any job is a stray until
+    # the site whitelists the account (README, "Before enforcing").
+    "linger_manager": Role("stray", True, "bob's systemd --user (linger) and its services"),
+    "linger_unit": Role("stray", True, "a systemd-run --user unit of bob's"),
+    "bypass_session": Role("whitelisted", True, "frank's sshd session in ssh.service"),
+    "bypass_command": Role("whitelisted", True, "the command of frank's ssh session"),
+    "bypass_daemon": Role("stray", True, "a setsid -f daemon of frank's session (ppid 1)"),
 }
 
 ALICE_SCRIPT = f"""#!/bin/bash
@@ -82,6 +93,8 @@ exec -a vm_crash_sleep sleep {LONG}
 
 ALICE_SSH = (f"setsid -f bash -c 'exec -a vm_ssh_daemon sleep {LONG}' </dev/null >/dev/null 2>&1;"
              f" exec -a vm_ssh_sleep sleep {LONG}")
+FRANK_SSH = (f"setsid -f bash -c 'exec -a vm_bypass_daemon sleep {LONG}' </dev/null >/dev/null"
+             f" 2>&1; exec -a vm_bypass_sleep sleep {LONG}")
 
 
 @dataclass
@@ -115,9 +128,12 @@ def build() -> Scene:
 
     ssh_popen("alice", ALICE_SSH, RESULTS / "ssh-alice.log")
     ssh_popen("carol", f"exec -a vm_admin_sleep sleep {LONG}", RESULTS / "ssh-carol.log")
+    ssh_popen("frank", FRANK_SSH, RESULTS / "ssh-frank.log")
     sh("runuser", "-u", "bob", "--", "setsid", "-f", "bash", "-c",
        f"exec -a vm_stray sleep {LONG} </dev/null >/dev/null 2>&1")
-    for name in ("vm_ssh_sleep", "vm_ssh_daemon", "vm_admin_sleep", "vm_stray"):
+    start_linger_unit("bob")
+    for name in ("vm_ssh_sleep", "vm_ssh_daemon", "vm_admin_sleep", "vm_stray",
+                 "vm_bypass_sleep", "vm_bypass_daemon", "vm_linger_unit"):
         wait_procs(name)
 
     # A crashed step: SIGKILL every slurmstepd of dave's job, then scancel (harness.md
@@ -140,7 +156,24 @@ def build() -> Scene:
     s.dave_state = job_state(s.dave_job)
 
     s.roles = assign_roles(s, procs())
+    # Right away, while exactly alice's and dave's jobs exist: later scenarios add and end
+    # jobs of their own, and the fixture must not depend on which ran first.
+    write_cgroup_paths(s, RESULTS / "cgroup_paths.txt")
     return s
+
+
+def start_linger_unit(user: str) -> None:
+    """Enable linger for user (logind starts user@UID.service, a systemd --user outside any
+    login) and start a transient unit there, as any user can."""
+    uid = sh("id", "-u", user).stdout.strip()
+    sh("loginctl", "enable-linger", user)
+    wait_for(f"user@{uid}.service active", lambda: sh(
+        "systemctl", "is-active", f"user@{uid}.service", check=False).stdout.strip() == "active",
+        timeout=120)
+    sh(*as_user(user, "env", f"XDG_RUNTIME_DIR=/run/user/{uid}",
+                f"DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/{uid}/bus",
+                "systemd-run", "--user", "--unit=vm-linger", "bash", "-c",
+                f"exec -a vm_linger_unit sleep {LONG}"))
 
 
 def assign_roles(s: Scene, table_list: list[Proc]) -> dict[str, list[Proc]]:
@@ -156,13 +189,15 @@ def assign_roles(s: Scene, table_list: list[Proc]) -> dict[str, list[Proc]]:
     markers = {"vm_job_daemon": "job_daemon", "vm_batch_sleep": "batch_sleep",
                "vm_srun_task": "srun_task", "vm_ssh_sleep": "ssh_command",
                "vm_ssh_daemon": "ssh_daemon", "vm_stray": "stray_outside",
-               "vm_admin_sleep": "admin_command"}
+               "vm_admin_sleep": "admin_command", "vm_bypass_sleep": "bypass_command",
+               "vm_bypass_daemon": "bypass_daemon", "vm_linger_unit": "linger_unit"}
     for p in table_list:
         if p.argv0 in markers:
             put(markers[p.argv0], p)
     # The ssh chains, from each login's command up: session process, [priv], listener.
     for command_role, session, priv in (("ssh_command", "ssh_session", "ssh_priv"),
-                                        ("admin_command", "admin_session", "admin_priv")):
+                                        ("admin_command", "admin_session", "admin_priv"),
+                                        ("bypass_command", "bypass_session", "admin_priv")):
         for cmd in list(roles[command_role]):
             sess = parent(cmd, table)
             put(session, sess)
@@ -173,7 +208,9 @@ def assign_roles(s: Scene, table_list: list[Proc]) -> dict[str, list[Proc]]:
                 put("sshd_listener", listener)
     for p in table_list:
         cg = p.cgroup_path
-        if p.comm == "slurmd" and p.uid == 0:
+        if p.user == "bob" and "/user@" in cg:
+            put("linger_manager", p)
+        elif p.comm == "slurmd" and p.uid == 0:
             put("slurmd", p)
         elif p.comm == "slurmctld":
             put("slurmctld", p)

@@ -4,13 +4,16 @@ results/cgroup_paths.txt, which run.sh copies to tests/fixtures/cgroup_paths/<re
 
 from __future__ import annotations
 
-from scene import ROLES, Scene, write_cgroup_paths
+from scene import ROLES, Scene
 from vmlib import RESULTS
 
 
 def test_capture_cgroup_lines_of_every_job_process(scene: Scene) -> None:
-    text = write_cgroup_paths(scene, RESULTS / "cgroup_paths.txt")
+    # scene.build() wrote the file the moment the scene stood.
+    text = (RESULTS / "cgroup_paths.txt").read_text()
     print(text)
+    for role, p in scene.all():
+        assert f"{role}\t{p.user}\t{p.comm}\t{p.cgroup[0]}" in text, (role, p.label())
     missing = [role for role, r in ROLES.items() if r.required and not scene.roles.get(role)]
     assert not missing, f"scene incomplete, no process for: {missing}"
 

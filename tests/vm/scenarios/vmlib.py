@@ -222,6 +222,13 @@ def journal(*args: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def journal_after(cursor: str, **match: str) -> list[dict]:
+    """Entries after cursor whose fields equal match. Filtered here, not by journalctl:
+    systemd 252's journalctl --after-cursor with a match skips the first matching entry."""
+    return [e for e in journal("--after-cursor", cursor)
+            if all(e.get(k) == v for k, v in match.items())]
+
+
 def journal_cursor() -> str:
     """The cursor of the journal's newest entry (read records after it with --after-cursor)."""
     entries = journal("-n", "1")
