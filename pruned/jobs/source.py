@@ -26,6 +26,7 @@ def read_jobs(sources: Sequence[JobSource]) -> JobView:
     """
     jobs: dict[str, Job] = {}
     membership: dict[int, Membership] = {}
+    aliases: dict[str, str] = {}
     problems: list[str] = []
     names: list[str] = []
     for src in sources:
@@ -48,4 +49,12 @@ def read_jobs(sources: Sequence[JobSource]) -> JobView:
                 jobs[f"{key}@{name}"] = job
         for pid, m in view.membership.items():
             membership.setdefault(pid, m)
-    return JobView(jobs=jobs, membership=membership, problems=tuple(problems), sources=tuple(names))
+        for name_, job_id in view.aliases.items():  # SLUID -> job id: the event path needs it
+            aliases.setdefault(name_, job_id)
+    return JobView(
+        jobs=jobs,
+        membership=membership,
+        problems=tuple(problems),
+        sources=tuple(names),
+        aliases=aliases,
+    )

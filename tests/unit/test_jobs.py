@@ -275,3 +275,15 @@ def test_read_jobs_carries_problems_and_failures() -> None:
         "slurm: cgroup root /x: No such file or directory",
         "statedir: job source failed: RuntimeError: boom",
     )
+
+
+def test_read_jobs_keeps_the_sluid_aliases() -> None:
+    """26.05's SLUID -> job id map survives the merge: the event path and reverify see the
+    SLUID in /proc/PID/cgroup and must find the running job by it."""
+    view = JobView(
+        {"9": _job("9", 30001, True, "slurm")}, {}, sources=("slurm",),
+        aliases={"s6T9M8T79NSN00": "9"},
+    )  # fmt: skip
+    merged = read_jobs([_Fixed("slurm", view)])
+    assert merged.aliases == {"s6T9M8T79NSN00": "9"}
+    assert merged.job("s6T9M8T79NSN00") is view.jobs["9"]
