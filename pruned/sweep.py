@@ -20,7 +20,7 @@ from pruned.act.adopt import adopt
 from pruned.act.audit import AuditSink, event_record, record_for_outcome, summary_record, tally
 from pruned.act.freeze import freeze_and_kill
 from pruned.act.guard import Refused, protected_pids
-from pruned.act.kill import kill_many
+from pruned.act.kill import REMIND_EVERY, Survivors, held_by_kernel, kill_many, read_wchan
 from pruned.jobs.slurm import SlurmCgroupSource
 from pruned.jobs.slurmpath import slurm_lines, unknown_lines
 from pruned.jobs.source import JobSource, read_jobs
@@ -150,14 +150,23 @@ def execute(
     dry_run: bool,
     proc_root: str = "/proc",
     allow_jobs: Collection[str] = (),
+    survivors: Survivors | None = None,
 ) -> list[Outcome]:
     """Carry out the plan: one Outcome per reported decision, acted or not.
 
     `allow_jobs`: the epilog's own job (id and SLUID), whose cgroup members it may kill.
+    `survivors` (the daemon's memory across sweeps): a kill target that outlived SIGKILL
+    before is not acted on again, and has no outcome but an hourly reminder.
     """
     outcomes: list[Outcome] = []
     todo: list[Decision] = []
     for d in plan.reported():
+        if survivors is not None and d.action is Action.KILL and d.proc.key in survivors:
+            if survivors.reminder_due(d.proc.key):
+                outcomes.append(Outcome(d, Result.FAILED, "still alive after SIGKILL; not "
+                                        "signalled again", fields=(("PRUNED_SURVIVED",
+                                                                    "reminder"),)))
+            continue
         if d.held is not None:
             outcomes.append(Outcome(d, Result.SKIPPED, d.held))
             continue
@@ -176,7 +185,9 @@ def execute(
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
         if action is Action.KILL:
-            outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root)
+            killed = _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root)
+            outcomes += killed if survivors is None else _note_survivors(killed, survivors,
+                                                                          proc_root)
         elif action is Action.ADOPT:
             outcomes += _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root)
     return outcomes
@@ -236,7 +247,10 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
     # A tree that survived SIGKILL is forking faster than we signal: freeze it and kill again.
     final = []
     for r, res in zip(roots, results, strict=True):
-        if not dry_run and res.survivors:
+        # Not for survivors the kernel holds (D state): they fork nothing, and the freeze
+        # rounds would only add seconds to every sweep they are met in.
+        if not dry_run and res.survivors and not all(held_by_kernel(k, proc_root)
+                                                     for k in res.survivors):
             res = freeze_and_kill(
                 r.key,
                 list(res.survivors),
@@ -256,6 +270,24 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
         return res_of, res.describe(), tuple(res.signalled or res.would), fields
 
     return _per_process(roots, desc, by_pid, result_of)
+
+
+def _note_survivors(outcomes: list[Outcome], survivors: Survivors,
+                    proc_root: str) -> list[Outcome]:
+    """Remember the processes that outlived SIGKILL, and mark their outcome (once) for a
+    `process_survived` record with their state and kernel wait."""
+    out = []
+    for o in outcomes:
+        key = o.decision.proc.key
+        state = held_by_kernel(key, proc_root) if o.result is Result.FAILED else None
+        if state is None:
+            out.append(o)
+            continue
+        survivors.remember(key)
+        extra = (("PRUNED_SURVIVED", "first"), ("PRUNED_STATE", state),
+                 ("PRUNED_WCHAN", read_wchan(key.pid, proc_root) or "unknown"))
+        out.append(replace(o, fields=(*o.fields, *extra)))
+    return out
 
 
 def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[Outcome]:
@@ -339,6 +371,7 @@ def run_sweep(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    survivors: Survivors | None = None,
 ) -> SweepReport:
     """Observe, decide, act (or would), and write one audit record per decision + a summary."""
     dry = policy.dry_run if dry_run is None else dry_run
@@ -346,27 +379,44 @@ def run_sweep(
     started = time.time()
     sweep_id = new_sweep_id()
     obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root)
-    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root)
+    if survivors is not None:
+        survivors.retain({p.key for p in obs.snap.procs.values()})
+    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root,
+                       survivors=survivors)
     report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
     audit_sweep(report, sink)
     return report
 
 
+def survived_record(o: Outcome, sweep_id: str, *, reminder: bool, **fields: str):
+    """The `process_survived` record: a process that outlived SIGKILL, reported once (and
+    then hourly) instead of re-killed every sweep."""
+    p = o.decision.proc
+    state, wchan = fields.get("PRUNED_STATE", "D"), fields.get("PRUNED_WCHAN", "unknown")
+    what = "still alive" if reminder else "survived SIGKILL"
+    msg = (f"pid {p.pid} ({p.comm}, uid {p.uid}) {what}: state {state}, waiting in the kernel "
+           f"({wchan}); SIGKILL stays pending and takes effect when the kernel lets go. Later "
+           f"sweeps do not signal or freeze it again (reminder every "
+           f"{REMIND_EVERY / 3600:g}h); a hung filesystem is the usual cause")
+    return event_record("process_survived", msg, sweep_id=sweep_id, pid=p.pid,
+                        starttime=p.starttime, uid=p.uid, comm=p.comm, state=state,
+                        wchan=wchan, reminder="yes" if reminder else "no")
+
+
 def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
     """One record per reported outcome, the brake and report-only warnings, one summary."""
     obs, sid, dry = report.observation, report.sweep_id, report.dry_run
-    records = [
-        record_for_outcome(
-            o,
-            sid,
-            dry,
-            user_name(o.decision.proc.uid),
-            boot_time=obs.snap.boot_time,
-            clk_tck=obs.snap.clk_tck,
-            extra=dict(o.fields),
-        )
-        for o in report.outcomes
-    ]
+    records = []
+    for o in report.outcomes:
+        fields = dict(o.fields)
+        survived = fields.pop("PRUNED_SURVIVED", None)
+        if survived is not None:
+            records.append(survived_record(o, sid, reminder=survived == "reminder",
+                                           **fields))
+        if survived != "reminder":
+            records.append(record_for_outcome(o, sid, dry, user_name(o.decision.proc.uid),
+                                              boot_time=obs.snap.boot_time,
+                                              clk_tck=obs.snap.clk_tck, extra=fields))
     for r in records:
         sink.emit(r)
     if obs.plan.brake:
