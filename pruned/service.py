@@ -245,7 +245,8 @@ class Daemon:
             return ""
         now = time.monotonic() if now is None else now
         if self.stuck_reported == since:
-            blocked = self.stuck[0] if self.stuck else None
+            seen = self.stuck  # read once: the file sweep's thread clears it when it returns
+            blocked = seen[0] if seen else None
             where = f" on {blocked.path}" if blocked and blocked.path else ""
             return f"file sweep stuck{where} for {now - since:.0f}s: file sweeps skipped"
         if now - since < FILES_STUCK_AFTER:
@@ -358,7 +359,7 @@ class Daemon:
 
     def start_jobs(self) -> None:
         """The three periodic jobs, each on its own thread. Intervals are read from the
-        current policy after every run, so a reload needs no rescheduling. The first
+        current policy after every run (and on reload). The first
         process sweep and job refresh run now; the first file sweep one interval later."""
         self.sweeper = Periodic("sweep", self.process_sweep, lambda: sweep_interval(
             self.policy, os.environ.get("WATCHDOG_USEC")))
@@ -423,6 +424,8 @@ class Daemon:
         mode = "report" if policy.dry_run else "enforce"
         self.sink.emit(event_record("config_loaded", f"policy {self.policy_path} loaded "
                                     f"(mode {mode})", path=self.policy_path))
+        for job in self.jobs_list:
+            job.reschedule()  # a shorter interval takes effect now, not after the old one
         self.start_events()
         self.report_reload(True, [])
 

@@ -69,6 +69,12 @@ class Periodic:
         self._kicked = True
         self._wake.set()
 
+    def reschedule(self) -> None:
+        """Re-read the interval now (a reload changed it): the next run is at most one new
+        interval away, never later than it was."""
+        self._due = min(self._due, self.clock() + self.interval())
+        self._wake.set()
+
     def stop(self) -> None:
         """Ask the loop to end; a running `fn` is not interrupted."""
         self._stopping = True

@@ -109,3 +109,17 @@ def test_kick_during_a_run_makes_one_more_run_and_a_failing_run_goes_on() -> Non
     finally:
         job.stop()
         assert job.join(2.0)
+
+
+def test_reschedule_brings_a_shorter_interval_forward() -> None:
+    interval = [3600.0]
+    count = [0]
+    job = Periodic("r", lambda: count.__setitem__(0, count[0] + 1), lambda: interval[0]).start()
+    try:
+        runs_of(job, 1, 2.0)
+        interval[0] = 0.05
+        job.reschedule()
+        runs_of(job, 3, 2.0)  # not an hour from now
+    finally:
+        job.stop()
+        assert job.join(2.0)
