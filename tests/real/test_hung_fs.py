@@ -27,8 +27,8 @@ from pruned.jobs.history import JobHistory
 from tests.fixtures.hungfuse import hung_fuse
 from tests.fixtures.paths import REPO
 from tests.fixtures.tmpfs import make_file
-from tests.fixtures.users import alive, daemon_as, setsid_as, wait_for_pid
-from tests.real.test_daemon import start_daemon, wait_dead, write_policy  # noqa: F401
+from tests.fixtures.users import alive, setsid_as, wait_for_pid
+from tests.real.test_daemon import plant_stray, start_daemon, wait_dead, write_policy  # noqa: F401
 
 pytestmark = pytest.mark.root
 
@@ -78,7 +78,7 @@ def test_hung_fuse_under_a_cleanup_root_stalls_only_the_file_sweep(
         # While it is stuck: process sweeps go on, feed the watchdog and still act.
         t = time.monotonic()
         n = len(summaries(d))
-        stray = daemon_as(active, "prq_while_hung")
+        stray = plant_stray(active, "prq_while_hung")  # its pid from the fork: no race
         assert wait_dead(stray, 20) is not None, "a process sweep killed the stray"
         time.sleep(4)
         dogs = [s for at, s in d.notify.lines() if at > t and s == "WATCHDOG=1"]

@@ -1,8 +1,9 @@
 """pruned.ticker: periodic jobs on the monotonic clock.
 
-The pure deadline arithmetic, then a real Periodic thread while the wall clock (time.time,
-what APScheduler schedules on) jumps an hour backwards and forwards: the runs keep their
-interval. A Periodic with an injected clock shows it reads no other.
+The pure deadline arithmetic, then a real Periodic thread while this process's time.time()
+jumps an hour backwards and forwards: the runs keep their interval. A Periodic with an
+injected clock shows it reads no other. The real daemon under a real realtime step (via
+libfaketime, which also moves datetime.now()) is tests/real/test_clock_step.py.
 """
 
 from __future__ import annotations
