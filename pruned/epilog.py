@@ -128,7 +128,7 @@ def run_epilog(
 def _timed_out(sink: AuditSink, print_fn: Callable[[str], None], job_id: str, uid: int,
                budget: float, elapsed: float, what: str) -> None:
     msg = (f"epilog of job {job_id} (uid {uid}) ran out of time after {elapsed:.0f}s "
-           f"(budget {budget:.0f}s: kill.grace + {EPILOG_SLACK:.0f}s): {what}; exiting 0 so "
+           f"(its bound: {budget:.0f}s): {what}; exiting 0 so "
            "the node is not drained, the daemon's sweeps handle what is left")
     print_fn(f"pruned epilog: {msg}")
     _emit(sink, event_record("epilog_timeout", msg, job_id=job_id, uid=uid,

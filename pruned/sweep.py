@@ -414,6 +414,7 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
             records.append(survived_record(o, sid, reminder=survived == "reminder",
                                            **fields))
         if survived != "reminder":
+            o = replace(o, fields=tuple(fields.items()))  # without the PRUNED_SURVIVED mark
             records.append(record_for_outcome(o, sid, dry, user_name(o.decision.proc.uid),
                                               boot_time=obs.snap.boot_time,
                                               clk_tck=obs.snap.clk_tck, extra=fields))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pruned.act.kill import Survivors
 from pruned.linux.blocked import parse_syscall
-from pruned.model import ProcKey
+from pruned.model import Action, ProcKey, Result
 
 
 def test_survivor_reminded_at_the_interval_and_forgotten_when_gone() -> None:
@@ -30,3 +30,32 @@ def test_parse_syscall() -> None:
     assert parse_syscall("running", "x86_64") is None
     assert parse_syscall("", "x86_64") is None
     assert parse_syscall("9999 0x0", "x86_64") is None
+
+
+def test_audit_sweep_first_report_and_reminder() -> None:
+    """First time: kill_failed and process_survived; a reminder: process_survived only."""
+    from dataclasses import replace
+
+    from pruned.act.audit import ListSink
+    from pruned.sweep import SweepReport, audit_sweep
+    from tests.unit.test_epilog_exit import outcome
+    from tests.unit.test_epilog_targets import observe
+
+    base = outcome(Action.KILL, Result.FAILED)
+    first = replace(base, fields=(("PRUNED_SURVIVED", "first"), ("PRUNED_STATE", "D"),
+                                  ("PRUNED_WCHAN", "request_wait_answer")))
+    reminder = replace(base, fields=(("PRUNED_SURVIVED", "reminder"),))
+    got = {}
+    for name, o in (("first", first), ("reminder", reminder)):
+        sink = ListSink()
+        audit_sweep(SweepReport("s1", 0.0, 0.1, False, observe(), [o]), sink)
+        got[name] = [(r.event, r.fields.get("PRUNED_REMINDER")) for r in sink.records
+                     if r.event != "sweep_summary"]
+        if name == "first":
+            [surv] = [r for r in sink.records if r.event == "process_survived"]
+            assert surv.fields["PRUNED_WCHAN"] == "request_wait_answer"
+            assert surv.fields["PRUNED_PID"] == "4242" and surv.priority == 4
+            [failed] = [r for r in sink.records if r.event == "kill_failed"]
+            assert "PRUNED_SURVIVED" not in failed.fields
+    assert got["first"] == [("process_survived", "no"), ("kill_failed", None)]
+    assert got["reminder"] == [("process_survived", "yes")]
