@@ -40,6 +40,7 @@ from collections.abc import Collection
 
 from pruned import log
 from pruned.act.audit import AuditSink, event_record, make_sink
+from pruned.act.contain import remove_stale_quarantines
 from pruned.act.kill import Survivors
 from pruned.act.metrics import SweepMetrics, render
 from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
@@ -203,6 +204,8 @@ class Daemon:
         policy, facts, sink = self.context()
         with self.act_lock:
             report = run_sweep(policy, facts, sink, uids=self.uids, survivors=self.survivors)
+            # Quarantines a survivor kept until it died (no kill runs while we hold the lock).
+            remove_stale_quarantines(policy.slurm.cgroup_root, own=True)
         self.jobs_cache = report.observation.jobs
         plan = report.observation.plan
         reactor = self.reactor  # read once: a reload or stop may clear it meanwhile

@@ -14,6 +14,7 @@ ever signalled (the daemon is scoped with --uid).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -124,9 +125,17 @@ def test_survivor_in_d_state_is_reported_once_and_left_alone(
         assert kinds == ["kill_failed", "process_survived"], kinds
         dogs = [s for at, s in d.notify.lines() if at > t and s == "WATCHDOG=1"]
         assert len(dogs) >= 4
+        kept = quarantines(d.pid)  # the survivor sits in the quarantine its kill made
         fs.abort()
         assert wait_dead(pid, 10) is not None, "the pending SIGKILL ends it after the abort"
+    if kept:
+        wait_for(lambda: not quarantines(d.pid), 20, f"the sweeps to remove {kept}")
     assert d.stop() == 0
+
+
+def quarantines(pid: int) -> list[str]:
+    return glob.glob(f"/sys/fs/cgroup/*/pruned_quarantine_{pid}_*") + glob.glob(
+        f"/sys/fs/cgroup/pruned_quarantine_{pid}_*")
 
 
 def test_epilog_with_its_job_dir_on_a_hung_mount_exits_0_in_time(tmp_path, tmpfs, make_user):
