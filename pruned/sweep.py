@@ -30,6 +30,7 @@ from pruned.linux.users import user_name
 from pruned.model import (
     Action,
     Decision,
+    HeldBy,
     JobView,
     KnownExes,
     Observation,
@@ -43,7 +44,7 @@ from pruned.model import (
 )
 from pruned.policy.facts import NodeFacts
 from pruned.rules.classify import classify
-from pruned.rules.decide import decide, recheck
+from pruned.rules.decide import apply_brake, decide, recheck
 
 
 def make_sources(policy: Policy) -> list[JobSource]:
@@ -163,9 +164,11 @@ def execute(
     for d in plan.reported():
         if survivors is not None and d.action is Action.KILL and d.proc.key in survivors:
             if survivors.reminder_due(d.proc.key):
+                state = held_by_kernel(d.proc.key, proc_root) or d.proc.state
+                fields = (("PRUNED_SURVIVED", "reminder"), ("PRUNED_STATE", state),
+                          ("PRUNED_WCHAN", read_wchan(d.proc.pid, proc_root) or "unknown"))
                 outcomes.append(Outcome(d, Result.FAILED, "still alive after SIGKILL; not "
-                                        "signalled again", fields=(("PRUNED_SURVIVED",
-                                                                    "reminder"),)))
+                                        "signalled again", fields=fields))
             continue
         if d.held is not None:
             outcomes.append(Outcome(d, Result.SKIPPED, d.held))
@@ -381,11 +384,32 @@ def run_sweep(
     obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root)
     if survivors is not None:
         survivors.retain({p.key for p in obs.snap.procs.values()})
+        obs = replace(obs, plan=spare_survivors(obs.plan, survivors, policy))
     outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root,
                        survivors=survivors)
     report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
     audit_sweep(report, sink)
     return report
+
+
+def spare_survivors(plan: SweepPlan, survivors: Survivors, policy: Policy) -> SweepPlan:
+    """The plan judged by the mass-kill brake without the known survivors.
+
+    They are not killed again (execute skips them), so they must not count as kills
+    either: a user who leaves max_kills_per_sweep processes stuck on a hung mount of their
+    own would otherwise trip the brake every sweep and stop every kill on the node.
+    """
+    if plan.brake is None or not any(d.action is Action.KILL and d.proc.key in survivors
+                                     for d in plan.decisions):
+        return plan
+    decisions = []
+    for d in plan.decisions:
+        if d.held_by is HeldBy.BRAKE:  # the brake held only decisions nothing else held
+            d = replace(d, held=None, held_by=None)
+        if d.action is Action.KILL and d.held is None and d.proc.key in survivors:
+            d = replace(d, held="outlived SIGKILL before: left alone")
+        decisions.append(d)
+    return apply_brake(SweepPlan(tuple(decisions), plan.report_only, None), policy)
 
 
 def survived_record(o: Outcome, sweep_id: str, *, reminder: bool, **fields: str):
