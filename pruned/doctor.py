@@ -66,11 +66,12 @@ class Paths:
 
 
 def _read(path: str) -> str | None:
-    """A small config file's text; None when it does not exist."""
+    """A small config file's text; None when there is no such file. Other errors (permission:
+    doctor runs as root) go to main(), which names them."""
     try:
         with open(path, "rb") as f:
             return f.read(1 << 20).decode("utf-8", "replace")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
 
 
@@ -206,9 +207,9 @@ def parse_slurm_conf(text: str) -> list[tuple[int, str, str]]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        head, _, rest = line.partition(" ")
-        if head.lower() == "include" and "=" not in head:
-            out.append((n, "include", rest.strip()))
+        head, *rest = line.split(None, 1)
+        if head.lower() == "include":
+            out.append((n, "include", rest[0].strip() if rest else ""))
             continue
         pairs = [p.partition("=") for p in line.split()]
         if pairs and pairs[0][0].lower() in ("nodename", "partitionname", "nodeset",
@@ -241,8 +242,8 @@ def read_slurm_conf(paths: Paths, name: str | None = None) -> SlurmConf | None:
                 conf.problems.append(f"{node}:{n}: Includes nest deeper than {_MAX_INCLUDE_DEPTH}")
                 continue
             target = value if value.startswith("/") else os.path.join(os.path.dirname(top), value)
-            matches = sorted(glob.glob(paths.at(target)))
-            if not matches:
+            matches = sorted(m for m in glob.glob(paths.at(target)) if os.path.isfile(m))
+            if not value or not matches:
                 conf.problems.append(f"{node}:{n}: Include {value}: no such file")
             for m in matches:
                 walk("/" + os.path.relpath(m, paths.root) if paths.root != "/" else m, depth + 1)

@@ -27,7 +27,7 @@ def test_parse_pam_rules_includes_and_brackets() -> None:
 
 
 def test_parse_slurm_conf_keys_includes_and_node_lines() -> None:
-    text = ("ProctrackType=proctrack/cgroup # x\nINCLUDE /etc/slurm/more.conf\n"
+    text = ("ProctrackType=proctrack/cgroup # x\nINCLUDE\t/etc/slurm/more.conf\n"
             "NodeName=n1 PrologFlags=ignored\nprologflags=Contain TaskPlugin=task/cgroup\n")
     assert parse_slurm_conf(text) == [
         (1, "proctracktype", "proctrack/cgroup"),
