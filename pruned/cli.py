@@ -1,4 +1,4 @@
-"""Command line: scan, explain, check-config, sweep, clean, run, prolog, epilog.
+"""Command line: scan, explain, check-config, doctor, sweep, clean, run, prolog, epilog.
 
 Every command turns bad input into one line on stderr and a documented exit code
 (pruned.exitcodes); a traceback is a bug, shown only with PRUNED_DEBUG=1.
@@ -302,6 +302,14 @@ def cmd_epilog(args: argparse.Namespace) -> int:
                           dry_run=args.dry_run, need_root=_need_root)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pruned.doctor import cmd_doctor
+
+    if not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root}: not a directory")
+    return cmd_doctor(args)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -354,6 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one JSON object on stdout: ok, files, errors (file, line, key, "
                     "message), with --print the values")
     sp.set_defaults(fn=cmd_check_config)
+
+    sp = sub.add_parser(
+        "doctor",
+        help="check the node settings that let processes escape jobs or leave pruned blind",
+        description="Check the node's settings (sshd's PAM stack, linger, slurm.conf, "
+        "job_container.conf, cgroup.conf, the cgroup tree, daemon paths, journald) against the "
+        "policy: one line per finding, `LEVEL check: what — fix: how`. Exit 0 without errors, "
+        "1 with one (--strict: or a warning): an NHC check (check_pruned). Reads only.",
+    )
+    policy_opt(sp)
+    sp.add_argument("--root", default="/", metavar="DIR",
+                    help="read the node's files under DIR (a prefix for /etc, /var, /run, "
+                    "/sys, /proc; default /)")
+    sp.add_argument("--slurm-conf", metavar="PATH",
+                    help="slurm.conf, under --root (default: $SLURM_CONF, else "
+                    "/etc/slurm/slurm.conf); cgroup.conf and job_container.conf beside it")
+    sp.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
+    sp.add_argument("--quiet", action="store_true",
+                    help="print only the findings that fail the check, no summary")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON object: ok, root, findings (level, check, what, fix)")
+    sp.set_defaults(fn=_doctor)
 
     sp = sub.add_parser("sweep", help="apply the policy to every process")
     policy_opt(sp)

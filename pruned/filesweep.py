@@ -56,6 +56,7 @@ class CleanReport:
     outcomes: list[CleanupOutcome] = field(default_factory=list)
     report_only: str | None = None
     newly_ended: list[str] = field(default_factory=list)
+    duration: float = 0.0  # seconds, monotonic: the whole sweep (read, plan, remove, audit)
 
     @property
     def failed(self) -> list[CleanupOutcome]:
@@ -103,6 +104,7 @@ def run_clean(
     """Plan and carry out one file cleanup (job dirs, loose files, IPC objects of uids that
     are gone); report-only while the job source is in doubt."""
     dry = policy.dry_run if dry_run is None else dry_run
+    t0 = time.monotonic()
     now = time.time()
     sweep_id = new_sweep_id()
     snap = procfs.snapshot(proc_root)
@@ -157,4 +159,5 @@ def run_clean(
             bytes=sum(o.bytes for o in outcomes if o.result is Result.DONE),
         )
     )
+    report.duration = time.monotonic() - t0
     return report

@@ -21,6 +21,7 @@ from pruned.policy.fields import (
     one_of,
     optional_path,
     path_item,
+    prom_textfile,
     roots_post,
     uid_range,
 )
@@ -99,7 +100,7 @@ SCHEMA: dict[str, Any] = {
     },
     "events": _Field(boolean, "events"),
     "audit": {"fallback_file": _Field(optional_path, "audit_fallback")},
-    "metrics": {"textfile": _Field(optional_path, "metrics_textfile")},
+    "metrics": {"textfile": _Field(prom_textfile, "metrics_textfile")},
 }
 
 
