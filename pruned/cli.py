@@ -408,6 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=text.ERRORS)
+    # ... and a control character in one (ESC, CR, a newline in a comm) as \xNN, not raw
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = text.EscapingWriter(sys.stdout), text.EscapingWriter(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage, with argparse's one-line message
     try:

@@ -60,3 +60,18 @@ def clip(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...({len(text) - limit} more)"
+
+
+class EscapingWriter:
+    """A text stream whose every line goes out through `printable` (newlines stay): what the
+    CLI prints, whichever code path prints it, cannot drive the terminal that shows it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        self._stream.write("\n".join(printable(part) for part in s.split("\n")))
+        return len(s)
+
+    def __getattr__(self, name: str):  # flush, fileno, isatty, buffer, ...
+        return getattr(self._stream, name)
