@@ -47,6 +47,7 @@ from pruned.policy.facts import NodeFacts, resolve_facts
 from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
+from pruned.text import printable
 
 
 def sd_notify(message: str) -> bool:
@@ -58,7 +59,9 @@ def sd_notify(message: str) -> bool:
         path = "\0" + path[1:]  # abstract socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            s.sendto(message.encode(), path)
+            # each KEY=VALUE line escaped (pruned.text): a STATUS= quoting a name cannot
+            # fail to encode (no WATCHDOG=1 then) nor forge a second assignment
+            s.sendto("\n".join(map(printable, message.split("\n"))).encode(), path)
         except OSError as e:
             log.warning(f"sd_notify failed: {e}")
             return False
