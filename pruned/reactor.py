@@ -19,7 +19,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from pruned import log
-from pruned.act.audit import error_text, event_record
+from pruned.act.audit import error_text, event_record, outcome_fallback_record
 from pruned.act.guard import protected_pids
 from pruned.jobs.slurmpath import membership_from_cgroups
 from pruned.linux import procfs
@@ -242,9 +242,14 @@ class Reactor:
                 self.kills_since_sweep += sum(
                     1 for d in plan.actionable() if d.action is Action.KILL
                 )
-            obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
-            report = SweepReport("event-" + new_sweep_id(), time.time(),
-                                 time.monotonic() - t0, dry, obs, outcomes)
+            sid = "event-" + new_sweep_id()
+            try:
+                obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
+                report = SweepReport(sid, time.time(), time.monotonic() - t0, dry, obs, outcomes)
+            except Exception as e:  # what was done is recorded before the error ends the batch
+                for o in outcomes:
+                    sink.emit(outcome_fallback_record(o, sid, dry, e))
+                raise
             audit_sweep(report, sink)
         self.handled += len(outcomes)
         if self.on_report is not None:

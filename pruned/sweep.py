@@ -174,6 +174,7 @@ def execute(
         try:
             why = None if dry_run else reverify(d, jobs, proc_root, allow_jobs)
         except Exception as e:  # a bug re-reading this one process: skip it, not the sweep
+            log.bug(f"re-check of pid {d.proc.pid} failed, skipped", e)
             outcomes.append(internal_error_outcome(d, "re-check", e))
             continue
         if why is not None:
@@ -206,10 +207,8 @@ INTERNAL_ERROR_FIELD = "PRUNED_INTERNAL_ERROR"  # on an outcome a bug cut short:
 
 def internal_error_outcome(d: Decision, step: str, e: Exception) -> Outcome:
     """The FAILED outcome of a decision an unexpected error (a bug) cut short: the process
-    is skipped, its record says what and why, and the error is logged with where it came
-    from so it stays visible."""
+    is skipped and its record says what and why (the caller logs the error, once)."""
     text = error_text(e)
-    log.bug(f"{step} of pid {d.proc.pid} failed, skipped", e)
     return Outcome(d, Result.FAILED, f"internal error in {step}: {text}; skipped", (),
                    ((INTERNAL_ERROR_FIELD, text),))  # fmt: skip
 
@@ -225,6 +224,7 @@ def _act_isolated(action: Action, roots: Sequence[Proc], desc: dict[int, list[in
             log.bug(f"{action.value} of {len(roots)} trees failed; acting on each alone", e)
             return [o for r in roots for o in _act_isolated(action, [r], desc, by_pid, run)]
         r = roots[0]
+        log.bug(f"{action.value} of pid {r.pid}'s tree failed, skipped", e)
         return [internal_error_outcome(by_pid[p], action.value, e) for p in (r.pid, *desc[r.pid])]
 
 
@@ -236,7 +236,13 @@ def _per_process(
 ) -> list[Outcome]:
     out: list[Outcome] = []
     for r in roots:
-        res, detail, touched, fields = result_of(r)
+        try:
+            res, detail, touched, fields = result_of(r)
+        except Exception as e:  # the action ran; its result could not be read: say so
+            log.bug(f"result of pid {r.pid}'s tree not read", e)
+            out += [internal_error_outcome(by_pid[p], "reading the result", e)
+                    for p in (r.pid, *desc[r.pid])]  # fmt: skip
+            continue
         for pid in (r.pid, *desc[r.pid]):
             d = by_pid[pid]
             out.append(Outcome(d, res(d.proc.key), detail, touched, fields))
@@ -283,14 +289,17 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
     final = []
     for r, res in zip(roots, results, strict=True):
         if not dry_run and res.survivors:
-            res = freeze_and_kill(
-                r.key,
-                list(res.survivors),
-                uid=uid,
-                dry_run=False,
-                cgroup_root=policy.slurm.cgroup_root,
-                proc_root=proc_root,
-            )
+            try:
+                res = freeze_and_kill(
+                    r.key,
+                    list(res.survivors),
+                    uid=uid,
+                    dry_run=False,
+                    cgroup_root=policy.slurm.cgroup_root,
+                    proc_root=proc_root,
+                )
+            except Exception as e:  # keep what the kill did: its survivors are recorded
+                log.bug(f"freeze and kill of pid {r.pid}'s survivors failed", e)
         final.append(res)
     by_root = {r.pid: res for r, res in zip(roots, final, strict=True)}
 
@@ -437,7 +446,6 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
             report_only=report_only,
         )
     )
-
 
 
 def _emit(sink: AuditSink, record: AuditRecord) -> None:

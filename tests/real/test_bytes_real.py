@@ -282,6 +282,38 @@ def test_clean_removes_bad_names_of_an_ended_job(tmp_path, make_user, journald, 
     assert summary["PRUNED_KIND"] == "files" and summary["PRUNED_FILES"] == "4", summary
 
 
+def test_clean_detaches_a_mount_at_a_bad_path_then_removes(tmp_path, make_user, journald,
+                                                           tmpfs):
+    """A job_container directory with a mount whose path is not UTF-8: the path read from
+    mountinfo must name the real mount point (a lossy decode named another, and the job's
+    directory was never removed)."""
+    user = make_user("prbm")
+    job = str(800000 + secrets.randbelow(99999))
+    base = tmpfs / "jc"
+    base.mkdir(mode=0o700)
+    policy = sweep_policy(tmp_path, f"cleanup:\n  roots: [{tmpfs}]\n  job_dirs: []\n"
+                          f"  min_age: 1h\n  job_container_base: {base}\n")  # fmt: skip
+    hist = JobHistory.load(str(tmp_path / "state"))
+    hist.mark_ended(job, user.uid, time.time() - 7200, start=time.time() - 9000)
+    hist.save()
+    jdir = base / job
+    jdir.mkdir(mode=0o700)
+    shm = os.path.join(os.fsencode(jdir), b"shm\xff\x1b")
+    os.mkdir(shm)
+    r = subprocess.run([b"mount", b"-t", b"tmpfs", b"prbm", shm], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(shm, BAD_FILE), "wb") as f:
+        f.write(b"s")
+    r = cli("clean", "--once", "--policy", str(policy))
+    assert r.returncode == 0, r.stderr
+    out = assert_escaped(r.stdout)
+    assert not jdir.exists(), out
+    with open("/proc/self/mountinfo", "rb") as f:
+        assert os.fsencode(jdir) not in f.read()
+    rec = wait_audit(journald, tmp_path, PRUNED_JOB_ID=job, PRUNED_EVENT="files_removed")
+    assert "detached 1 mounts" in rec["MESSAGE"] and "shm\\xff\\x1b" in rec["MESSAGE"], rec
+
+
 def run_epilog_hook(policy: Path, job: str, user: User) -> subprocess.CompletedProcess[bytes]:
     """`pruned epilog` as slurmd runs it, in a mount namespace without a journal socket (its
     records go to the policy's fallback file)."""
@@ -374,6 +406,42 @@ def test_one_process_that_fails_is_skipped_the_others_are_killed(tmp_path, make_
         assert sink.records[-1].event == "sweep_summary"
         assert sink.records[-1].fields["PRUNED_KILLED"] == "1"
         assert len(report.failed) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, 9)
+
+
+def test_event_batch_skips_the_one_process_that_fails(tmp_path, make_user, monkeypatch):
+    """The event path's batch, in-process on real strays: the same injected bug skips one
+    process with its record, and the other is killed in the same batch."""
+    import threading as _threading
+
+    from pruned.jobs.source import read_jobs
+    from pruned.reactor import Reactor
+
+    user = make_user("prbr")
+    victim, other = daemon_as(user, "prbr_victim"), daemon_as(user, "prbr_other")
+    real = sweep.kill_many
+
+    def buggy(trees, **kw):
+        if any(root.pid == victim for root, _ in trees):
+            raise RuntimeError("injected bug")
+        return real(trees, **kw)
+
+    monkeypatch.setattr(sweep, "kill_many", buggy)
+    policy = load_path(str(sweep_policy(tmp_path))).policy
+    facts, sink = resolve_facts(policy), ListSink()
+    reactor = Reactor(lambda: (policy, facts, sink),
+                      lambda _fresh: read_jobs(sweep.make_sources(policy)),
+                      _threading.Lock(), uids=[user.uid])  # fmt: skip
+    try:
+        report = reactor.handle({victim, other})
+        assert report is not None and wait_dead(other, 10) and alive(victim)
+        by_pid = {r.fields.get("PRUNED_PID"): r for r in sink.records}
+        assert by_pid[str(other)].event == "process_killed"
+        assert by_pid[str(victim)].event == "kill_failed"
+        assert "RuntimeError: injected bug" in by_pid[str(victim)].fields["PRUNED_DETAIL"]
+        assert by_pid[str(victim)].fields["PRUNED_SWEEP_ID"].startswith("event-")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, 9)
