@@ -59,8 +59,8 @@ def execute_isolated(
     singles = [
         *((replace(empty, job_dirs=(i,)), CleanupKind.JOB_DIR, i.uid, i.path, i.job_id)
           for i in plan.job_dirs),
-        *((replace(empty, loose=(i,)), CleanupKind.LOOSE, i.uid, " ".join(i.roots), None)
-          for i in plan.loose),
+        *((replace(empty, loose=(replace(i, roots=(r,)),)), CleanupKind.LOOSE, i.uid, r, None)
+          for i in plan.loose for r in i.roots),
         *((replace(empty, ipc=(o,)), CleanupKind.IPC, o.uid, o.label, None) for o in plan.ipc),
     ]  # fmt: skip
     out: list[CleanupOutcome] = []

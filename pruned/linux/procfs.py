@@ -9,6 +9,7 @@ action layer's re-check just before it acts.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import threading
@@ -441,6 +442,17 @@ class ReadTimedOut(TimeoutError):
     """Reading a process's cmdline or environ did not finish in time (see above)."""
 
 
+class _PendingRead:
+    """One read_mm_file read, shared by the caller and its worker (under _stuck_lock)."""
+
+    __slots__ = ("abandoned", "data", "error")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.error: Exception | None = None
+        self.abandoned = False
+
+
 def _read_capped(path: str, limit: int) -> bytes | None:
     """At most `limit` bytes of path, in one pass of chunks (linear in size); None if gone."""
     try:
@@ -474,31 +486,34 @@ def read_mm_file(
     with _stuck_lock:
         if _stuck >= MAX_STUCK_READS:
             raise ReadTimedOut(f"{path}: timed out ({_stuck} earlier reads still blocked)")
-    box: list = []
+    st = _PendingRead()
     done = threading.Event()
 
     def work() -> None:
         global _stuck
         try:
-            box.append(_read_capped(path, limit))
-        except BaseException as e:  # handed to the caller, who decides
-            box.append(e)
-        with _stuck_lock:
-            done.set()
-            if len(box) == 2:  # the caller gave up on us: no longer stuck
-                _stuck -= 1
+            st.data = _read_capped(path, limit)
+        except Exception as e:  # handed to the caller, who decides
+            st.error = e
+        finally:
+            with _stuck_lock:
+                done.set()
+                if st.abandoned:  # the caller gave up on us: no longer stuck
+                    _stuck -= 1
 
-    threading.Thread(target=work, name="pruned-procread", daemon=True).start()
+    try:
+        threading.Thread(target=work, name="pruned-procread", daemon=True).start()
+    except RuntimeError as e:  # no thread to be had (pids exhausted in a fork storm): unread
+        raise OSError(errno.EAGAIN, f"no reader thread: {e}", path) from None
     if not done.wait(timeout):
         with _stuck_lock:
             if not done.is_set():
-                box.append(None)  # marks "abandoned" for the worker
+                st.abandoned = True
                 _stuck += 1
                 raise ReadTimedOut(f"{path}: timed out after {timeout:g}s")
-    got = box[0]
-    if isinstance(got, BaseException):
-        raise got
-    return got
+    if st.error is not None:
+        raise st.error
+    return st.data
 
 
 def read_cmdline(
