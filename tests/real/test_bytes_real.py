@@ -217,6 +217,52 @@ def test_bad_bytes_stray_through_scan_explain_and_a_sweep(tmp_path, make_user, j
     assert summary["PRUNED_KILLED"] == "1"
 
 
+def _cgroup2_mount() -> bytes | None:
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            if right.split()[:1] == [b"cgroup2"]:
+                return left.split()[4]
+    return None
+
+
+def test_a_stray_in_a_cgroup_with_a_bad_name(tmp_path, make_user, journald, bad_place):
+    """A cgroup name is a user's to choose where systemd delegates (user@.service): a stray
+    in one whose name is not UTF-8 is explained with the path escaped, killed by a sweep,
+    and its cgroup line read back is the real path (it can be opened)."""
+    root = _cgroup2_mount()
+    if root is None:
+        pytest.skip("no cgroup2 mount")
+    user = make_user("prbq")
+    base = os.path.join(root, f"prbytes-{secrets.token_hex(3)}".encode())
+    cg = os.path.join(base, b"cg\xff\x1b[7m")
+    os.makedirs(cg)
+    try:
+        pid = plant_bad(user, bad_place)
+        with open(os.path.join(cg, b"cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        lines = procfs.read_cgroup_lines(pid)
+        [line] = [x for x in lines if x.startswith("0::")]
+        assert os.path.isdir(os.path.join(root, os.fsencode(line[3:]).lstrip(b"/")))
+        policy = sweep_policy(tmp_path)
+        ex = cli("explain", str(pid), "--policy", str(policy))
+        assert ex.returncode == 0, ex.stderr
+        assert "cg\\xff\\x1b[7m" in assert_escaped(ex.stdout)
+        r = cli("sweep", "--once", "--policy", str(policy), "--uid", str(user.uid))
+        assert r.returncode == 0, r.stderr
+        assert wait_dead(pid, 15)
+        rec = wait_audit(journald, tmp_path, PRUNED_PID=str(pid), PRUNED_EVENT="process_killed")
+        check_process_record(rec, bad_place)
+    finally:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                os.rmdir(cg)
+                os.rmdir(base)
+                break
+            time.sleep(0.1)
+
+
 @pytest.mark.parametrize("events", [False, True])
 def test_daemon_kills_a_bad_bytes_stray_and_records_it(tmp_path, make_user, start_daemon,  # noqa: F811
                                                        bad_place, events):

@@ -214,3 +214,15 @@ def test_sweep_audit_survives_a_builder_and_a_sink_that_raise(monkeypatch) -> No
     events = [(r.event, "PRUNED_REDUCED" in r.fields) for r in sink.records]
     assert events == [("process_killed", True), ("sweep_summary", False)]
     assert sink.records[-1].fields["PRUNED_KILLED"] == "2"  # both kills counted
+
+
+def test_own_state_files_keep_bad_bytes(tmp_path: Path) -> None:
+    """The job history (JSON, \\u escapes) gives back exactly the id it was given."""
+    from pruned.jobs.history import JobHistory
+
+    job = os.fsdecode(b"J\xff\x1b")
+    h = JobHistory.load(str(tmp_path))
+    h.mark_ended(job, 31000, 100.0, start=50.0)
+    h.save()
+    (tmp_path / "history.json").read_bytes().decode("ascii")  # plain ASCII on disk
+    assert [r.job_id for r in JobHistory.load(str(tmp_path)).ended()] == [job]
