@@ -208,8 +208,9 @@ def test_bad_bytes_stray_through_scan_explain_and_a_sweep(tmp_path, make_user, j
     assert r.returncode == 0, r.stderr
     assert_escaped(r.stdout + r.stderr)
     assert wait_dead(pid, 15), "the stray survived the sweep"
-    rec = wait_audit(journald, tmp_path, PRUNED_PID=str(pid), PRUNED_STARTTIME=start,
-                     PRUNED_EVENT="process_killed")  # fmt: skip
+    # in the journal itself (pid + starttime: this process and no other)
+    [rec] = journald.wait_records(PRUNED_PID=str(pid), PRUNED_STARTTIME=start,
+                                  PRUNED_EVENT="process_killed")  # fmt: skip
     assert rec["PRUNED_RESULT"] == "done" and rec["PRUNED_UID"] == str(user.uid)
     check_process_record(rec, bad_place)
     summary = wait_audit(journald, tmp_path, PRUNED_SWEEP_ID=rec["PRUNED_SWEEP_ID"],
