@@ -40,6 +40,7 @@ from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
 from pruned.linux import connector as events
+from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
 from pruned.model import JobView, Policy, Result
 from pruned.policy import lastgood
@@ -98,11 +99,7 @@ def read_reload_status(pid: int) -> dict | None:
 
 def is_pruned_daemon(pid: int) -> bool:
     """Whether pid runs `pruned run` (by its command line; only root can signal a root one)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
+    argv = procfs.read_cmdline(pid).split(b"\0")  # bounded in size and time
     return b"run" in argv and any(b"pruned" in a for a in argv[:3])
 
 
