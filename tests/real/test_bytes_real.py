@@ -329,6 +329,32 @@ def test_clean_removes_bad_names_of_an_ended_job(tmp_path, make_user, journald, 
     assert summary["PRUNED_KIND"] == "files" and summary["PRUNED_FILES"] == "4", summary
 
 
+def test_clean_keeps_a_live_socket_with_a_bad_name(tmp_path, make_user, tmpfs):
+    """A bound unix socket in an ended job's directory stays while it is live. Its name in
+    /proc/net/unix must match the walker's name for it byte for byte: decoded lossily it
+    matched nothing, and the live socket was removed."""
+    import socket as _socket
+
+    user = make_user("prbs")
+    job = str(800000 + secrets.randbelow(99999))
+    policy = clean_policy(tmp_path, tmpfs)
+    hist = JobHistory.load(str(tmp_path / "state"))
+    hist.mark_ended(job, user.uid, time.time() - 7200, start=time.time() - 9000)
+    hist.save()
+    job_dir = tmpfs / f"job-{job}"
+    bad_tree(job_dir, user)
+    path = os.path.join(os.fsencode(job_dir), b"sock\xff\x1b")
+    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as s:
+        s.bind(path)
+        s.listen()
+        r = cli("clean", "--once", "--policy", str(policy))
+        assert r.returncode == 0, r.stderr
+        out = assert_escaped(r.stdout)
+        assert os.path.exists(path), out  # the live socket stays
+        assert not os.path.exists(os.path.join(os.fsencode(job_dir), BAD_FILE)), out
+        assert "sock\\xff\\x1b" in out and "kept 1" in out, out
+
+
 def test_clean_detaches_a_mount_at_a_bad_path_then_removes(tmp_path, make_user, journald,
                                                            tmpfs):
     """A job_container directory with a mount whose path is not UTF-8: the path read from
