@@ -56,8 +56,9 @@ def _action_text(d: Decision) -> str:
 
 
 def decision_json(d: Decision, snap) -> dict:
+    """One scan row as JSON values; names and paths escaped as in the audit (pruned.text)."""
     p, v = d.proc, d.verdict
-    return {
+    row = {
         "pid": p.pid,
         "starttime": p.starttime,
         "ppid": p.ppid,
@@ -73,9 +74,10 @@ def decision_json(d: Decision, snap) -> dict:
         "held": d.held,
         "job": v.job_id,
         "reason": v.reason if d.action is Action.IGNORE else f"{v.reason}; {d.reason}",
-        "evidence": list(v.evidence),
+        "evidence": [text.printable(e) for e in v.evidence],
         "age": round(snap.age(p), 1),
     }
+    return {k: text.printable(x) if isinstance(x, str) else x for k, x in row.items()}
 
 
 def _print_notes(obs) -> None:
@@ -107,11 +109,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
             reason = v.reason if d.action is Action.IGNORE else f"{v.reason}; {d.reason}"
             if d.held:
                 reason += f" [held: {d.held}]"
-            print(
+            print(text.printable(
                 f"{p.pid:>7} {p.ppid:>7} {user_label(p.uid)[:12]:<12} {v.cls.value:<11} "
                 f"{_action_text(d)[:12]:<12} {(v.job_id or '-')[:8]:<8} {p.comm[:16]:<16} "
                 f"{reason}"
-            )
+            ))  # a comm or path may hold control characters: never raw to a terminal
         mode = "report (dry-run)" if policy.dry_run else "enforce"
         counts = ", ".join(
             f"{n} {c}"
@@ -182,7 +184,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         out.append(f"held: {d.held}")
     mode = "dry-run (policy mode report)" if policy.dry_run else "enforce"
     out.append(f"policy: {', '.join(policy.sources)} ({mode})")
-    print("\n".join(out))
+    print("\n".join(text.printable(line) for line in out))  # no raw control characters
     return EX_OK
 
 
@@ -436,6 +438,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=text.ERRORS)
+    # ... and a control character in one (ESC, CR, a newline in a comm) as \xNN, not raw
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = text.EscapingWriter(sys.stdout), text.EscapingWriter(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage, with argparse's one-line message
     try:

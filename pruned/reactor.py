@@ -19,6 +19,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from pruned import log
+from pruned.act.audit import error_text, event_record, outcome_fallback_record
 from pruned.act.guard import protected_pids
 from pruned.jobs.slurmpath import membership_from_cgroups
 from pruned.linux import procfs
@@ -174,7 +175,20 @@ class Reactor:
                 try:
                     self.handle(pids)
                 except Exception as e:  # keep the worker alive; the sweep is the safety net
-                    log.error(f"event handling failed: {type(e).__name__}: {e}")
+                    self._batch_failed(pids, e)
+
+    def _batch_failed(self, pids: set[int], e: Exception) -> None:
+        """A bug outside any one process's handling (execute and audit_sweep skip a failing
+        process themselves): log it with where it came from, and put it on the audit record."""
+        log.bug(f"event batch of {len(pids)} pids failed", e)
+        some = " ".join(str(p) for p in sorted(pids)[:20])
+        try:
+            sink = self.get_context()[2]
+            sink.emit(event_record("internal_error", f"event batch of {len(pids)} processes "
+                                   f"failed, left to the next sweep: {error_text(e)}",
+                                   reason=error_text(e), pids=some))  # fmt: skip
+        except Exception as e2:
+            log.bug("event batch failure not recorded", e2)
 
     def handle(self, pids: set[int]) -> SweepReport | None:
         """Classify and act on exactly these pids (ancestors are read, never acted on)."""
@@ -228,9 +242,14 @@ class Reactor:
                 self.kills_since_sweep += sum(
                     1 for d in plan.actionable() if d.action is Action.KILL
                 )
-            obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
-            report = SweepReport("event-" + new_sweep_id(), time.time(),
-                                 time.monotonic() - t0, dry, obs, outcomes)
+            sid = "event-" + new_sweep_id()
+            try:
+                obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
+                report = SweepReport(sid, time.time(), time.monotonic() - t0, dry, obs, outcomes)
+            except Exception as e:  # what was done is recorded before the error ends the batch
+                for o in outcomes:
+                    sink.emit(outcome_fallback_record(o, sid, dry, e))
+                raise
             audit_sweep(report, sink)
         self.handled += len(outcomes)
         if self.on_report is not None:

@@ -40,6 +40,7 @@ from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
 from pruned.linux import connector as events
+from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
 from pruned.model import JobView, Policy, Result
 from pruned.policy import lastgood
@@ -47,6 +48,7 @@ from pruned.policy.facts import NodeFacts, resolve_facts
 from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
+from pruned.text import printable
 
 
 def sd_notify(message: str) -> bool:
@@ -58,7 +60,9 @@ def sd_notify(message: str) -> bool:
         path = "\0" + path[1:]  # abstract socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            s.sendto(message.encode(), path)
+            # each KEY=VALUE line escaped (pruned.text): a STATUS= quoting a name cannot
+            # fail to encode (no WATCHDOG=1 then) nor forge a second assignment
+            s.sendto("\n".join(map(printable, message.split("\n"))).encode(), path)
         except OSError as e:
             log.warning(f"sd_notify failed: {e}")
             return False
@@ -95,11 +99,7 @@ def read_reload_status(pid: int) -> dict | None:
 
 def is_pruned_daemon(pid: int) -> bool:
     """Whether pid runs `pruned run` (by its command line; only root can signal a root one)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
+    argv = procfs.read_cmdline(pid).split(b"\0")  # bounded in size and time
     return b"run" in argv and any(b"pruned" in a for a in argv[:3])
 
 
