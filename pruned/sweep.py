@@ -17,7 +17,15 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from pruned.act.adopt import adopt
-from pruned.act.audit import AuditSink, event_record, record_for_outcome, summary_record, tally
+from pruned.act.audit import (
+    AuditSink,
+    event_record,
+    group_held,
+    held_record,
+    record_for_outcome,
+    summary_record,
+    tally,
+)
 from pruned.act.freeze import freeze_and_kill
 from pruned.act.guard import Refused, protected_pids
 from pruned.act.kill import kill_many
@@ -353,8 +361,10 @@ def run_sweep(
 
 
 def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
-    """One record per reported outcome, the brake and report-only warnings, one summary."""
+    """One record per reported outcome (one per uid for what the brake or report-only mode
+    held), the brake and report-only warnings, one summary."""
     obs, sid, dry = report.observation, report.sweep_id, report.dry_run
+    single, held_groups = group_held(report.outcomes)
     records = [
         record_for_outcome(
             o,
@@ -365,13 +375,21 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
             clk_tck=obs.snap.clk_tck,
             extra=dict(o.fields),
         )
-        for o in report.outcomes
+        for o in single
     ]
+    records += [
+        held_record(g, sid, dry, user_name(g[0].decision.proc.uid),
+                    boot_time=obs.snap.boot_time, clk_tck=obs.snap.clk_tck)
+        for g in held_groups
+    ]  # fmt: skip
     for r in records:
         sink.emit(r)
-    if obs.plan.brake:
-        sink.emit(event_record("brake_tripped", obs.plan.brake, sweep_id=sid,
-                               dry_run="yes" if dry else "no"))
+    plan = obs.plan
+    if plan.brake:
+        sink.emit(event_record("brake_tripped", plan.brake, sweep_id=sid,
+                               dry_run="yes" if dry else "no",
+                               uids=" ".join(map(str, plan.brake_uids)),
+                               jobs=" ".join(plan.brake_jobs)))
     report_only = "; ".join(obs.plan.report_only) or None
     if report_only:
         sink.emit(event_record("report_only", f"sweep {sid} is report-only: {report_only}",
