@@ -184,10 +184,33 @@ def execute(
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
         if action is Action.KILL:
+            roots, desc = _merge_trees(roots, desc, by_pid)
             outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root)
         elif action is Action.ADOPT:
             outcomes += _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root)
     return outcomes
+
+
+def _merge_trees(
+    roots: Sequence[Proc], desc: dict[int, list[int]], by_pid: dict[int, Decision]
+) -> tuple[list[Proc], dict[int, list[int]]]:
+    """One uid's kill trees as one per job they sit in (None: in none), rooted at the oldest.
+
+    A uid is one target: a fork bomb reparents most of its members to init, and killing
+    each as a tree of its own meant one quarantine and one /proc walk per member (minutes
+    for a few hundred). Trees of different jobs stay apart: the kill's re-walk leaves a late
+    member alone when it sits in a job cgroup its root is not in.
+    """
+    by_job: dict[str | None, list[Proc]] = {}
+    for r in roots:
+        by_job.setdefault(by_pid[r.pid].verdict.job_id, []).append(r)
+    out_roots: list[Proc] = []
+    out_desc: dict[int, list[int]] = {}
+    for rs in by_job.values():
+        top = min(rs, key=lambda p: (p.starttime, p.pid))
+        out_roots.append(top)
+        out_desc[top.pid] = [p for r in rs for p in (r.pid, *desc[r.pid]) if p != top.pid]
+    return out_roots, out_desc
 
 
 def _per_process(

@@ -100,3 +100,20 @@ def test_decide_applies_it_last() -> None:
     verdicts = classify(snap, JOBS, Policy(), FACTS)
     plan = decide(snap, verdicts, JOBS, Policy(brake_max_uids=1))
     assert plan.brake is not None and plan.brake_uids == (BOB, BOB + 100) and not free(plan)
+
+
+def test_one_uids_kill_trees_merge_into_one_per_job() -> None:
+    """sweep._merge_trees: a fork bomb reparented to init is one kill tree, not hundreds;
+    trees in different jobs' cgroups stay apart (the kill's re-walk judges late members
+    against its root's job)."""
+    from pruned.sweep import _merge_trees
+
+    ds = [kill(1000, 2001, ppid=1), kill(1001, 2001, ppid=1000), kill(1002, 2001, ppid=1),
+          kill(1003, 2001, ppid=1, job="17"), kill(1004, 2001, ppid=1003, job="17")]
+    ds[2] = replace(ds[2], proc=replace(ds[2].proc, starttime=ds[0].proc.starttime - 5))
+    by_pid = {d.proc.pid: d for d in ds}
+    roots = [by_pid[p].proc for p in (1000, 1002, 1003)]
+    desc = {1000: [1001], 1002: [], 1003: [1004]}
+    got_roots, got_desc = _merge_trees(roots, desc, by_pid)
+    assert [r.pid for r in got_roots] == [1002, 1003]  # the oldest root leads the no-job tree
+    assert sorted(got_desc[1002]) == [1000, 1001] and got_desc[1003] == [1004]
