@@ -15,7 +15,8 @@ is the shipped one unless a test says otherwise.
 - strays of more uids than kill.brake.max_uids: nothing is killed, brake_tripped names the
   uids, and each uid's held processes are one audit record, not one per process;
 - the event path (the reactor) counts the uids it killed since the last full sweep the same
-  way: a uid already counted is free, one more than the limit holds the batch.
+  way: a uid already counted is free, one more than the limit holds the batch; directly
+  through Reactor.handle, and end to end through `pruned run`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ from tests.fixtures.users import (
     wait_dead,
     wait_for_pid,
 )
+from tests.real.test_daemon import FAR, plant_stray, start_daemon  # noqa: F401 (a fixture)
+from tests.real.test_daemon import wait_dead as daemon_wait_dead
+from tests.real.test_daemon import write_policy as daemon_policy
 
 pytestmark = pytest.mark.root
 
@@ -307,3 +311,24 @@ def test_the_event_path_counts_uids_since_the_last_sweep(tmp_path, make_user):
     reactor.seed(procfs.snapshot())
     assert handle(third).brake is None and wait_dead(third, 10)
     assert reactor.killed_uids == {c.uid}
+
+
+def test_the_daemons_event_path_brakes_on_a_new_uid(tmp_path, make_user, start_daemon):  # noqa: F811
+    """End to end through `pruned run` (events on, the periodic sweep far away): with
+    max_uids 1 the event path kills a's strays, holds b's (brake_tripped from an event-
+    batch), and goes on killing a's."""
+    a, b = make_user("prbd"), make_user("prbd")
+    policy = daemon_policy(tmp_path, events=True, schedule={"sweep": FAR},
+                           kill={"grace": "1s", "brake": {"max_uids": 1}})
+    d = start_daemon(policy, [a.uid, b.uid])
+    d.ready()
+    first = plant_stray(a, "prbd_a1")
+    assert daemon_wait_dead(first, 5), "a's first stray was not killed by the event path"
+    held = plant_stray(b, "prbd_b")
+    rec = d.wait_audit(PRUNED_EVENT="brake_tripped")
+    assert rec["PRUNED_SWEEP_ID"].startswith("event-") and rec["PRUNED_UIDS"] == " ".join(
+        str(u) for u in sorted((a.uid, b.uid))), rec
+    second = plant_stray(a, "prbd_a2")
+    assert daemon_wait_dead(second, 5), "a uid already counted must stay free"
+    assert alive(held)
+    assert d.stop() == 0
