@@ -167,8 +167,9 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         protected=protected_pids(proc_root),
         aliases=own[1:],
     )
-    # The same brake as a sweep: an epilog that wants to kill more than max_kills_per_sweep
-    # processes is more likely looking at a wrong job view than at one job's leftovers.
+    # The same brake as a sweep. epilog_targets only ever names the job's own uid, which is
+    # one target however many processes it left: this holds only if that ever changed.
+    # (The epilog is its own process: it cannot share the daemon's budget, nor need to.)
     plan = apply_brake(SweepPlan(tuple(decisions)), policy)
     outcomes = execute(
         plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_jobs=own

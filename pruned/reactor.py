@@ -108,9 +108,10 @@ class Reactor:
         self._stopping = False
         self.handled = 0
         # Set by the daemon after each full sweep: why the event path must not act (the
-        # sweep was report-only or tripped the brake), or None. And the kills spent since.
+        # sweep was report-only or tripped the brake), or None. And the uids the event path
+        # killed since: together its batches stay within one sweep's brake (max_uids).
         self.hold: str | None = None
-        self.kills_since_sweep = 0
+        self.killed_uids: frozenset[int] = frozenset()
 
     # called from the watcher thread: never blocks
     def on_pids(self, changed: set[int], exited: set[int]) -> None:
@@ -124,7 +125,7 @@ class Reactor:
         # Publish first, then the marker: the worker swaps it in when it meets the marker,
         # no lock needed (the other order could let the worker see the marker first).
         self._seed = children
-        self.kills_since_sweep = 0
+        self.killed_uids = frozenset()
         self.q.put(None)
 
     def start(self) -> Reactor:
@@ -228,7 +229,7 @@ class Reactor:
                     for d in mine
                 )
             plan = SweepPlan(mine, full.report_only, None)
-            plan = apply_brake(plan, policy, already=self.kills_since_sweep)
+            plan = apply_brake(plan, policy, already=self.killed_uids)
             for d in mine:
                 if d.held_by is HeldBy.YOUNG:
                     due = time.monotonic() + max(0.05, policy.min_age - snap.age(d.proc)) + 0.05
@@ -239,9 +240,8 @@ class Reactor:
             t0 = time.monotonic()
             outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root)
             if not dry:
-                self.kills_since_sweep += sum(
-                    1 for d in plan.actionable() if d.action is Action.KILL
-                )
+                self.killed_uids |= {d.proc.uid for d in plan.actionable()
+                                     if d.action is Action.KILL}
             sid = "event-" + new_sweep_id()
             try:
                 obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)

@@ -23,6 +23,8 @@ from pruned.act.audit import (
     AuditSink,
     error_text,
     event_record,
+    group_held,
+    held_record,
     outcome_fallback_record,
     record_for_outcome,
     summary_record,
@@ -191,6 +193,8 @@ def execute(
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
         if action is Action.KILL:
+            roots, desc = _merge_trees(roots, desc, by_pid)
+
             def run(rs, desc=desc, by_pid=by_pid, uid=uid):
                 return _kill(rs, desc, by_pid, uid, policy, dry_run, proc_root)
         elif action is Action.ADOPT:
@@ -226,6 +230,28 @@ def _act_isolated(action: Action, roots: Sequence[Proc], desc: dict[int, list[in
         r = roots[0]
         log.bug(f"{action.value} of pid {r.pid}'s tree failed, skipped", e)
         return [internal_error_outcome(by_pid[p], action.value, e) for p in (r.pid, *desc[r.pid])]
+
+
+def _merge_trees(
+    roots: Sequence[Proc], desc: dict[int, list[int]], by_pid: dict[int, Decision]
+) -> tuple[list[Proc], dict[int, list[int]]]:
+    """One uid's kill trees as one per job they sit in (None: in none), rooted at the oldest.
+
+    A uid is one target: a fork bomb reparents most of its members to init, and killing
+    each as a tree of its own meant one quarantine and one /proc walk per member (minutes
+    for a few hundred). Trees of different jobs stay apart: the kill's re-walk leaves a late
+    member alone when it sits in a job cgroup its root is not in.
+    """
+    by_job: dict[str | None, list[Proc]] = {}
+    for r in roots:
+        by_job.setdefault(by_pid[r.pid].verdict.job_id, []).append(r)
+    out_roots: list[Proc] = []
+    out_desc: dict[int, list[int]] = {}
+    for rs in by_job.values():
+        top = min(rs, key=lambda p: (p.starttime, p.pid))
+        out_roots.append(top)
+        out_desc[top.pid] = [p for r in rs for p in (r.pid, *desc[r.pid]) if p != top.pid]
+    return out_roots, out_desc
 
 
 def _per_process(
@@ -408,10 +434,12 @@ def run_sweep(
 
 
 def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
-    """One record per reported outcome, the brake and report-only warnings, one summary."""
+    """One record per reported outcome (one per uid for what the brake or report-only mode
+    held), the brake and report-only warnings, one summary."""
     obs, sid, dry = report.observation, report.sweep_id, report.dry_run
+    single, held_groups = group_held(report.outcomes)
     records: list[AuditRecord] = []
-    for o in report.outcomes:
+    for o in single:
         try:
             r = record_for_outcome(
                 o,
@@ -427,9 +455,22 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
             r = outcome_fallback_record(o, sid, dry, e)
         records.append(r)
         _emit(sink, r)
-    if obs.plan.brake:
-        _emit(sink, event_record("brake_tripped", obs.plan.brake, sweep_id=sid,
-                                 dry_run="yes" if dry else "no"))
+    for g in held_groups:
+        try:
+            rs = [held_record(g, sid, dry, user_name(g[0].decision.proc.uid),
+                              boot_time=obs.snap.boot_time, clk_tck=obs.snap.clk_tck)]
+        except Exception as e:
+            log.bug(f"held record of uid {g[0].decision.proc.uid} not built in full", e)
+            rs = [outcome_fallback_record(o, sid, dry, e) for o in g]
+        for r in rs:
+            records.append(r)
+            _emit(sink, r)
+    plan = obs.plan
+    if plan.brake:
+        _emit(sink, event_record("brake_tripped", plan.brake, sweep_id=sid,
+                                 dry_run="yes" if dry else "no",
+                                 uids=" ".join(map(str, plan.brake_uids)),
+                                 jobs=" ".join(plan.brake_jobs)))
     report_only = "; ".join(obs.plan.report_only) or None
     if report_only:
         _emit(sink, event_record("report_only", f"sweep {sid} is report-only: {report_only}",

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from pruned.model import Action, Outcome, Result
+from pruned.model import Action, HeldBy, Outcome, Result
 from pruned.text import clip, printable
 
 IDENTIFIER = "pruned"
@@ -295,6 +295,68 @@ def record_for_outcome(
     return AuditRecord(event, PRIORITIES[event], fields, _process_message(event, fields))
 
 
+# Guards that hold back a whole sweep: they hold the same processes again on every sweep
+# until an admin acts, so their held outcomes are written as one record per uid.
+NODE_GUARDS = (HeldBy.BRAKE, HeldBy.REPORT_ONLY)
+
+
+def group_held(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[list[Outcome]]]:
+    """(outcomes recorded one by one, groups recorded one record each). Pure.
+
+    A group: the outcomes a node-wide guard (NODE_GUARDS) held, of one uid, one action and
+    one reason. A fork bomb of 400 held by the brake is one record per sweep, not 400.
+    """
+    single: list[Outcome] = []
+    groups: dict[tuple[int, Action, str | None], list[Outcome]] = {}
+    for o in outcomes:
+        d = o.decision
+        if o.result is Result.SKIPPED and d.held_by in NODE_GUARDS:
+            groups.setdefault((d.proc.uid, d.action, d.held), []).append(o)
+        else:
+            single.append(o)
+    return single, list(groups.values())
+
+
+def held_record(
+    group: Sequence[Outcome],
+    sweep_id: str,
+    dry_run: bool,
+    user: str | None,
+    *,
+    boot_time: float | None = None,
+    clk_tck: int = 100,
+) -> AuditRecord:
+    """The one action_held record of a group from `group_held`. Pure.
+
+    It names the group's oldest topmost process (the stray root a human looks for first);
+    PRUNED_COUNT says how many processes were held, PRUNED_TREES in how many trees, and
+    PRUNED_TREE lists up to 50 of their pids.
+    """
+    pids = sorted(o.decision.proc.pid for o in group)
+    members = set(pids)
+    roots = [o for o in group if o.decision.proc.ppid not in members] or list(group)
+    first = min(roots, key=lambda o: (o.decision.proc.starttime, o.decision.proc.pid))
+    uid = first.decision.proc.uid
+    trees = f"{len(roots)} tree" + ("s" if len(roots) > 1 else "")
+    detail = f"one record for {len(group)} processes of uid {uid} in {trees}"
+    if len(group) == 1:
+        detail = ""
+    fields = {
+        "PRUNED_COUNT": str(len(group)),
+        "PRUNED_TREES": str(len(roots)),
+        "PRUNED_TREE": " ".join(map(str, pids[:50])),
+    }
+    return record_for_outcome(
+        Outcome(first.decision, Result.SKIPPED, detail),
+        sweep_id,
+        dry_run,
+        user,
+        boot_time=boot_time,
+        clk_tck=clk_tck,
+        extra=fields,
+    )
+
+
 def _process_message(event: str, f: Mapping[str, str]) -> str:
     action = f["PRUNED_ACTION"]
     if event in _VERBS:
@@ -328,10 +390,12 @@ def _process_message(event: str, f: Mapping[str, str]) -> str:
 
 
 def tally(records: Iterable[AuditRecord]) -> dict[str, int]:
-    """Count records by event kind (for `summary_record`)."""
+    """Count records by event kind (for `summary_record`); a `held_record` counts as the
+    processes it stands for."""
     out: dict[str, int] = {}
     for r in records:
-        out[r.event] = out.get(r.event, 0) + 1
+        n = int(r.fields.get("PRUNED_COUNT", "1")) if r.event == "action_held" else 1
+        out[r.event] = out.get(r.event, 0) + n
     return out
 
 

@@ -53,7 +53,7 @@ def policy_text(tmp: Path, **over: Any) -> str:
         "version": 1,
         "mode": "enforce",
         "min_age": "0s",
-        "kill": {"grace": "1s", "max_per_sweep": 50},
+        "kill": {"grace": "1s", "brake": {"max_uids": 3}},
         "jobs": {"sources": ["statedir"], "state_dir": str(state)},
         "audit": {"fallback_file": str(tmp / "audit.jsonl")},
         "metrics": {"textfile": str(tmp / "pruned.prom")},
