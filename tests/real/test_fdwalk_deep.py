@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -234,3 +237,98 @@ def test_wide_directory_of_subdirectories(tmpfs: Path) -> None:
     assert s.skipped == [("wide/s7/inner/fifo", "fifo")]
     assert s.dirs == 20_000 - 1 and s.errors == []
     assert os.listdir(job) == ["s7"] and len(s.listed) == 5
+
+
+MOVER = textwrap.dedent("""
+    import os, sys, time
+    root, outside, levels, at, uid, gid, ready, stop = sys.argv[1:9]
+    levels, at = int(levels), int(at)
+    os.chdir(root)  # the tmp path above is 0700: keep cwd, then drop to the user
+    ofd = os.open(outside, os.O_RDONLY | os.O_DIRECTORY)
+    os.setgroups([]); os.setresgid(int(gid), int(gid), int(gid))
+    os.setresuid(int(uid), int(uid), int(uid))
+    D = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    def build():
+        os.mkdir("work")
+        fd = os.open("work", D)
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            n = os.open("d", D, dir_fd=fd); os.close(fd); fd = n
+            os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+        os.close(fd)
+    inner = "work/" + "d/" * (at - 1)
+    open(ready, "w").close()
+    rounds = moves = 0
+    while not os.path.exists(stop):
+        try:
+            if not os.path.lexists("work"):
+                build()
+                rounds += 1
+            # the deep subtree out of the tree and back in, as fast as it goes
+            os.rename(inner + "d", "m", src_dir_fd=None, dst_dir_fd=ofd)
+            moves += 1
+            os.rename("m", inner + "d", src_dir_fd=ofd)
+        except OSError:
+            time.sleep(0.0005)
+    print(rounds, moves)
+""")
+
+
+def test_owner_moving_a_deep_subtree_in_and_out_never_loses_outside_files(
+    tmpfs: Path, user_a, monkeypatch
+) -> None:
+    """A real user moves a deep subtree of its job dir to a dir outside it and back, over and
+    over, while the cleaner walks with a 4-fd window: what sits outside stays, whatever the
+    timing; the cleaner reports the moves it caught."""
+    monkeypatch.setattr(fdwalk, "MAX_OPEN_FDS", 4)
+    outside = make_dir(tmpfs / "outside", user_a.uid, user_a.gid, 0o755)
+    for i in range(10):
+        make_file(outside / f"own{i}", user_a.uid, user_a.gid, b"mine", mtime=1)
+    sentinel = make_dir(outside / "sentinel", 0, 0, 0o755)  # root's: the user cannot move it
+    for i in range(10):
+        make_file(sentinel / f"s{i}", user_a.uid, user_a.gid, b"precious", mtime=1)
+    root = make_dir(tmpfs / "root", 0, 0, 0o1777)
+
+    def outside_now() -> tuple[list[str], dict, dict]:
+        # `m` is the mover's own subtree while it is outside; never walk into it (it moves)
+        names = sorted(n for n in os.listdir(outside) if n != "m")
+        own = {n: (outside / n).read_bytes() for n in names if n.startswith("own")}
+        return names, own, snapshot_tree(sentinel)
+
+    before = outside_now()
+    ready, stop = tmpfs / "ready", tmpfs / "stop"
+    mover = subprocess.Popen(
+        [sys.executable, "-c", MOVER, str(root), str(outside), "200", "20",
+         str(user_a.uid), str(user_a.gid), "../ready", "../stop"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rounds = removed = raced = 0
+    deadline = time.monotonic() + 60
+    try:
+        while not ready.exists() and mover.poll() is None:
+            time.sleep(0.005)
+        while mover.poll() is None and time.monotonic() < deadline and (rounds < 300 or not raced):
+            g = Guards()
+            for s in (
+                remove_tree(str(root), "work", dry_run=False, guards=g),
+                remove_owned_files(
+                    str(root), user_a.uid, min_age=0, now=time.time() + 60, dry_run=False, guards=g
+                ),
+            ):
+                removed += s.files + s.dirs
+                raced += s.raced
+            rounds += 1
+            assert outside_now() == before
+    finally:
+        stop.touch()
+        try:
+            out, err = mover.communicate(timeout=30)
+        finally:
+            if mover.poll() is None:
+                mover.kill()
+    assert mover.returncode == 0, err
+    built, moves = (int(x) for x in out.split())
+    print(f"mover: {built} trees, {moves} moves; cleaner: {rounds} rounds, {removed} removed, "
+          f"{raced} races seen")  # fmt: skip
+    assert rounds >= 5 and removed > 0 and moves > 0 and built >= 2, (rounds, removed, moves)
+    assert raced > 0, "the cleaner never met a move: the test did not race"
