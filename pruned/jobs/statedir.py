@@ -89,13 +89,87 @@ def job_record_path(state_dir: str, job_id: str) -> str:
 
 @dataclass(slots=True)
 class _DirCache:
-    """The last read of one jobs/ directory."""
+    """The last read of one jobs/ directory. `jobs` is the dict the view handed out: replaced,
+    never changed, once handed out (a later read copies it first)."""
 
     key: tuple[int, int, int, int]  # the directory's dev, inode, mtime, ctime
     racy: bool  # something changed within RACY of the read: do not trust `key` alone
-    entries: dict[str, tuple[tuple[int, ...], Job | str]]  # name -> (its lstat, parsed)
+    log: tuple[int, int] | None  # the change log's inode and size when this read began
+    idents: dict[str, tuple[int, ...]]  # record name -> its lstat when parsed
+    jobs: dict[str, Job]
+    problems: dict[str, str]  # record name -> its problem line
     view: JobView
     full_at: float  # when every record was last parsed afresh
+
+    def put(self, name: str, ident: tuple[int, ...], got: Job | str) -> None:
+        self.idents[name] = ident
+        if isinstance(got, str):
+            self.problems[name] = got
+        else:
+            self.jobs[got.job_id] = got
+
+    def drop(self, name: str) -> None:
+        self.idents.pop(name, None)
+        self.problems.pop(name, None)
+        if (job_id := job_id_of_record_name(name)) is not None:
+            self.jobs.pop(job_id, None)
+
+
+CHANGES = ".changes"  # in jobs/: the names of records written or removed, one a line
+_O_LOG = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _log_changes(jobs_dir: str | int, names: list[str]) -> None:
+    """Append the names to the change log, after the change itself (a reader that sees the
+    line sees the change). Best effort: without it, a reader sees the change at its next
+    full scan of a changed directory or within RESCAN."""
+    if not names:
+        return
+    with contextlib.suppress(OSError):
+        if isinstance(jobs_dir, int):
+            fd = os.open(CHANGES, _O_LOG, 0o600, dir_fd=jobs_dir)
+        else:
+            fd = os.open(os.path.join(jobs_dir, CHANGES), _O_LOG, 0o600)
+        try:
+            os.write(fd, "".join(f"{n}\n" for n in names).encode())
+        finally:
+            os.close(fd)
+
+
+def _log_ident(jobs_dir: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(os.path.join(jobs_dir, CHANGES))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size) if stat.S_ISREG(st.st_mode) else None
+
+
+def _logged_names(jobs_dir: str, start: int, end: int) -> set[str] | None:
+    """The names logged between byte offsets start and end; None if that cannot be read
+    whole (the caller scans instead)."""
+    try:
+        fd = os.open(os.path.join(jobs_dir, CHANGES), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if len(data) != end - start or not data.endswith(b"\n"):
+        return None  # a line still being written, or a log replaced meanwhile
+    try:
+        return set(data.decode().split("\n")[:-1])
+    except UnicodeDecodeError:
+        return None
+
+
+def _reset_log(dfd: int) -> None:
+    """A fresh, empty change log (a new inode: cached readers notice and scan once)."""
+    tmp = f"{CHANGES}{TMP_MARK}{os.getpid()}"
+    with contextlib.suppress(OSError):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+        os.close(fd)
+        os.rename(tmp, CHANGES, src_dir_fd=dfd, dst_dir_fd=dfd)
 
 
 _CACHE: dict[str, _DirCache] = {}
@@ -136,20 +210,33 @@ class StateDirSource:
     def _read_cached(self, jobs_dir: str, dir_st: os.stat_result) -> JobView:
         now = time.time()
         key = (dir_st.st_dev, dir_st.st_ino, dir_st.st_mtime_ns, dir_st.st_ctime_ns)
+        log = _log_ident(jobs_dir)  # before the listing: a line written during it is read again
         old = _CACHE.get(jobs_dir)
-        fresh = old is not None and 0 <= now - old.full_at < RESCAN
-        if fresh and old is not None and old.key == key and not old.racy:
-            return old.view
-        prev = old.entries if fresh and old is not None else {}
-        problems: list[str] = []
-        jobs: dict[str, Job] = {}
-        entries: dict[str, tuple[tuple[int, ...], Job | str]] = {}
-        racy = dir_st.st_mtime_ns / 1e9 > now - RACY or dir_st.st_ctime_ns / 1e9 > now - RACY
+        if old is not None and 0 <= now - old.full_at < RESCAN and not old.racy:
+            if old.key == key and old.log == log:
+                return old.view
+            if log and old.log and log[0] == old.log[0] and log[1] > old.log[1]:
+                names = _logged_names(jobs_dir, old.log[1], log[1])
+                if names is not None:
+                    return self._apply(jobs_dir, old, key, log, names)
+        return self._scan(jobs_dir, key, log, now, old)
+
+    def _scan(
+        self,
+        jobs_dir: str,
+        key: tuple[int, int, int, int],
+        log: tuple[int, int] | None,
+        now: float,
+        old: _DirCache | None,
+    ) -> JobView:
+        """Every record: parsed again if its lstat changed (all of them every RESCAN)."""
+        keep = old is not None and 0 <= now - old.full_at < RESCAN
+        racy = key[2] / 1e9 > now - RACY or key[3] / 1e9 > now - RACY
+        new = _DirCache(key, racy, log, {}, {}, {}, JobView({}, {}), old.full_at if keep else now)
         try:
             names = sorted(os.listdir(jobs_dir))
         except OSError as e:
-            problems.append(f"cannot read {jobs_dir}: {e.strerror or e}")
-            return self._view(jobs, problems)
+            return self._view({}, [f"cannot read {jobs_dir}: {e.strerror or e}"])
         for name in names:
             if name.startswith(".") or not name.endswith(".json"):
                 continue  # tmp files of a writer that crashed or is still writing
@@ -159,29 +246,54 @@ class StateDirSource:
             except FileNotFoundError:
                 continue  # removed by a concurrent prune
             except OSError as e:
-                problems.append(f"{path}: corrupt job record: {e.strerror or e}")
+                new.problems[name] = f"{path}: corrupt job record: {e.strerror or e}"
                 continue
             ident = (lst.st_ino, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, lst.st_mode)
             if lst.st_ctime_ns / 1e9 > now - RACY:
-                racy = True  # may change again within its timestamp's granularity
-            seen = prev.get(name)
-            if seen is not None and seen[0] == ident:
-                got = seen[1]
+                new.racy = True  # may change again within its timestamp's granularity
+            if keep and old is not None and old.idents.get(name) == ident:
+                got: Job | str | None = old.problems.get(name) or old.jobs.get(
+                    job_id_of_record_name(name) or ""
+                )
             else:
                 got = self._parse(path, name)
-                if got is None:
-                    continue
-            entries[name] = (ident, got)
-            if isinstance(got, str):
-                problems.append(got)
-            else:
-                jobs[got.job_id] = got
-        view = self._view(jobs, problems)
+            if got is not None:
+                new.put(name, ident, got)
+        return self._store(jobs_dir, new)
+
+    def _apply(
+        self,
+        jobs_dir: str,
+        old: _DirCache,
+        key: tuple[int, int, int, int],
+        log: tuple[int, int],
+        names: set[str],
+    ) -> JobView:
+        """The last read plus the records the change log names: cost by changes, not records."""
+        new = _DirCache(
+            key, False, log, old.idents, dict(old.jobs), old.problems, old.view, old.full_at
+        )
+        for name in names:
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            new.drop(name)
+            path = os.path.join(jobs_dir, name)
+            try:
+                lst = os.lstat(path)
+            except OSError:
+                continue  # removed (a prune logs its removals too)
+            got = self._parse(path, name)
+            if got is not None:
+                ident = (lst.st_ino, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, lst.st_mode)
+                new.put(name, ident, got)
+        return self._store(jobs_dir, new)
+
+    def _store(self, jobs_dir: str, new: _DirCache) -> JobView:
+        new.view = self._view(new.jobs, [new.problems[n] for n in sorted(new.problems)])
         if len(_CACHE) >= _CACHE_MAX and jobs_dir not in _CACHE:
             _CACHE.pop(next(iter(_CACHE)))
-        full_at = old.full_at if fresh and old is not None else now
-        _CACHE[jobs_dir] = _DirCache(key, racy, entries, view, full_at)
-        return view
+        _CACHE[jobs_dir] = new
+        return new.view
 
     def _parse(self, path: str, name: str) -> Job | str | None:
         """The record's Job, the problem line naming why not, or None when it is gone."""
@@ -232,6 +344,7 @@ def write_job_record(
     rec = {"job_id": job_id, "uid": uid, "start": float(start), "end": None, "user": user}
     with _locked(os.path.dirname(path)):
         write_json_atomic(path, {**rec, "source": "statedir"})
+        _log_changes(os.path.dirname(path), [os.path.basename(path)])
     return path
 
 
@@ -258,6 +371,7 @@ def end_job_record(state_dir: str, job_id: str, end: float, uid: int | None = No
                 "job_id": job_id, "uid": uid, "start": float(end), "end": float(end), "user": None
             }  # fmt: skip
         write_json_atomic(path, {**obj, "source": "statedir"})
+        _log_changes(os.path.dirname(path), [os.path.basename(path)])
     return True
 
 
@@ -398,6 +512,10 @@ def prune_records(state_dir: str, older_than: float, now: float | None = None) -
                     problems.append(f"{path}: cannot remove: {e.strerror}")
                     continue
             removed.append(job_id)
+        # The log only grows between prunes: start it afresh (readers scan once), under the
+        # writers' lock so that no line of theirs is lost in the swap.
+        with _locked(dfd):
+            _reset_log(dfd)
     finally:
         os.close(dfd)
     return RecordPrune(tuple(removed), tmp_removed, running, young, tuple(problems))

@@ -15,6 +15,7 @@ import pytest
 from pruned.jobs import statedir
 from pruned.jobs.history import HISTORY_FILE, JobHistory, JobRecord
 from pruned.jobs.statedir import (
+    CHANGES,
     StateDirSource,
     end_job_record,
     prune_records,
@@ -71,7 +72,7 @@ def test_prune_removes_exactly_the_old_records(tmp_path) -> None:
     left = sorted(os.listdir(jobs))
     assert left == sorted([
         record_name("young"), record_name("running"), "corrupt.json", "link.json",
-        "notes.txt", "x.json.bak", "a%zz.json", live.name,
+        "notes.txt", "x.json.bak", "a%zz.json", live.name, CHANGES,
     ])  # fmt: skip
     assert os.path.islink(jobs / "link.json") and outside.exists()  # not followed, not removed
     assert any("corrupt.json: corrupt job record" in p for p in got.problems)
@@ -120,20 +121,42 @@ def test_a_record_rewritten_while_judged_is_kept(tmp_path, monkeypatch) -> None:
 
 
 def test_the_cached_reader_sees_every_change(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(statedir, "RACY", 0.0)  # trust every timestamp: the cache always counts
     sd, jobs = _state(tmp_path)
     write_job_record(sd, "1", 30001, 10.0)
     src = StateDirSource(sd)
-    assert src.read().jobs["1"].running
-    assert end_job_record(sd, "1", 20.0)  # a rename into the dir
+    first = src.read()
+    assert first.jobs["1"].running
+    assert src.read() is first  # nothing changed: the same view, nothing read
+    assert end_job_record(sd, "1", 20.0)  # the epilog: a rename, and a line in the change log
     assert not src.read().jobs["1"].running
     write_job_record(sd, "2", 30001, 10.0)
     assert set(src.read().jobs) == {"1", "2"}
+    # A writer that keeps no change log (an older pruned): the directory changed, so a scan.
+    tmp = jobs / ".3.json.tmp"
+    tmp.write_text(json.dumps({"job_id": "3", "uid": 30001, "start": 1.0, "end": None}))
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, jobs / "3.json")
+    assert set(src.read().jobs) == {"1", "2", "3"}
     os.unlink(jobs / "2.json")
-    assert set(src.read().jobs) == {"1"}
-    # An in-place edit (by hand: pruned always renames) is seen once RESCAN has passed.
-    monkeypatch.setattr(statedir, "RESCAN", 0.0)
+    assert set(src.read().jobs) == {"1", "3"}
+    # A logged change in place (same inode, same directory) is read again because of the log.
+    with open(jobs / "3.json", "r+") as f:
+        f.write(json.dumps({"job_id": "3", "uid": 30009, "start": 1.0, "end": None}))
+        f.truncate()
+    statedir._log_changes(str(jobs), ["3.json"])
+    assert src.read().jobs["3"].uid == 30009
+    # An unlogged in-place edit (by hand) is seen once RESCAN has passed.
     (jobs / "1.json").write_text("{")
-    assert set(src.read().jobs) == set() and src.read().problems
+    monkeypatch.setattr(statedir, "RESCAN", 0.0)
+    view = src.read()
+    assert set(view.jobs) == {"3"} and "1.json: corrupt job record" in view.problems[0]
+    # A prune replaces the log (a new inode): the next read scans and sees the removal.
+    monkeypatch.setattr(statedir, "RESCAN", 600.0)
+    src.read()
+    assert end_job_record(sd, "3", 30.0)
+    assert prune_records(sd, 100.0).removed == ("3",)
+    assert set(src.read().jobs) == set()
 
 
 def test_the_daemon_refresh_prunes_records_and_history(tmp_path, make_user, start_daemon):  # noqa: F811
@@ -169,7 +192,7 @@ def test_the_daemon_refresh_prunes_records_and_history(tmp_path, make_user, star
     assert not (jobs / "old.json").exists(), d.stderr()
     time.sleep(1.5)  # the refresh that pruned saves the history right after
     assert d.stop() == 0
-    assert sorted(os.listdir(jobs)) == ["corrupt.json", "running.json", "young.json"]
+    assert sorted(os.listdir(jobs)) == [CHANGES, "corrupt.json", "running.json", "young.json"]
     back = JobHistory.load(sd)
     assert back.problems == []
     # Only the history's old entry went. (The corrupt record makes the view a problem view,
