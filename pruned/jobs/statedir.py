@@ -5,11 +5,16 @@ accounts): `<state_dir>/jobs/<job_id>.json` (see record_name), root-only, writte
 The epilog writes one on every node, so the daemon prunes records of long-ended jobs
 (prune_records, called through pruned.jobs.retention).
 
-Reading is cached per directory: a read while the directory is unchanged (same inode, mtime
-and ctime; every writer renames a tmp file in, which changes both) returns the last view;
-after a change only records whose lstat changed are parsed again. A directory or record
-changed within RACY seconds of the last read is looked at again (timestamps are coarser than
-the changes), and every RESCAN seconds everything is re-read (an in-place edit by hand).
+Reading is cached per directory, so that a sweep costs the same with 20 or 100,000 records:
+- the writers append each record name they wrote to `jobs/.changes` (after the rename, under
+  an flock of jobs/ that the prune takes too); a read finds the directory (inode, mtime,
+  ctime) and the log (inode, size) unchanged and returns the last view, or reads only the
+  names logged since: cost by changes, not by records. The prune replaces the log hourly.
+- anything else (the directory changed but the log did not grow: a writer without the log,
+  a hand edit; a log replaced or unreadable) is a scan: every name lstat'ed, and parsed only
+  if its lstat changed. A scan that saw a timestamp within RACY seconds is not trusted for
+  the next read (timestamps are coarser than the changes), and every RESCAN seconds the next
+  read parses everything afresh (an in-place edit by hand that changed no timestamp).
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ class _DirCache:
             self.jobs.pop(job_id, None)
 
 
-CHANGES = ".changes"  # in jobs/: the names of records written or removed, one a line
+CHANGES = ".changes"  # in jobs/: the names of records written since the last prune, one a line
 _O_LOG = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -274,14 +279,14 @@ class StateDirSource:
             key, False, log, old.idents, dict(old.jobs), old.problems, old.view, old.full_at
         )
         for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue
+            if "/" in name or name.startswith(".") or not name.endswith(".json"):
+                continue  # never a record's name (only root writes the log, but still)
             new.drop(name)
             path = os.path.join(jobs_dir, name)
             try:
                 lst = os.lstat(path)
             except OSError:
-                continue  # removed (a prune logs its removals too)
+                continue  # written, then removed since
             got = self._parse(path, name)
             if got is not None:
                 ident = (lst.st_ino, lst.st_size, lst.st_mtime_ns, lst.st_ctime_ns, lst.st_mode)
