@@ -102,6 +102,7 @@ class JobHistory:
         # job id -> when it was first seen idle (cgroup there, no stepd); memory only: after a
         # restart the grace starts again, which only delays an end.
         self._idle: dict[str, float] = {}
+        self._seen_jobs: object = None  # the view.jobs observe() last walked
         self.problems: list[str] = []  # what load() found wrong (a corrupt file, a bad record)
         # Housekeeping (pruned.jobs.retention): when it last pruned, and how many were left.
         self.pruned_at: float | None = None
@@ -230,7 +231,14 @@ class JobHistory:
         process yet) are recorded once their uid is known. Only the view's jobs and the
         records without an end are looked at: ended records cost nothing here.
         """
-        running = {j.job_id: j for j in view.jobs.values() if j.running and j.uid is not None}
+        # The same jobs mapping as last time (the state-dir source hands out its cached one
+        # while nothing changed): its running jobs are recorded already, and only the open
+        # records below can change. Holding the mapping keeps its identity from being reused.
+        same = view.jobs is self._seen_jobs
+        self._seen_jobs = view.jobs
+        running = {} if same else {
+            j.job_id: j for j in view.jobs.values() if j.running and j.uid is not None
+        }  # fmt: skip
         for job_id, job in running.items():
             rec = self._records.get(job_id)
             if rec is None or rec.ended:

@@ -158,3 +158,28 @@ def test_a_journal_of_an_older_snapshot_is_not_replayed(tmp_path) -> None:
         f.write(stale)
     back = JobHistory.load(sd)
     assert back.records() == [] and back.problems == []
+
+
+class _CountingJobs(dict):
+    walks = 0
+
+    def values(self):  # type: ignore[override]
+        type(self).walks += 1
+        return super().values()
+
+
+def test_an_unchanged_view_is_not_walked_again() -> None:
+    """The state-dir source hands out the same mapping while nothing changed: observe() walks
+    it once, then only its open records (cost by running jobs, not by records)."""
+    jobs = _CountingJobs({
+        "run": Job("run", 30001, 1.0, "statedir", True),
+        **{str(i): Job(str(i), 30001, 1.0, "statedir", False) for i in range(100)},
+    })  # fmt: skip
+    view = JobView(jobs=jobs, membership={})
+    h = JobHistory("/nonexistent")
+    h.observe(view, now=10.0)
+    h.observe(view, now=20.0)
+    assert _CountingJobs.walks == 1
+    assert [r.job_id for r in h.records()] == ["run"] and h.get("run").end is None  # type: ignore[union-attr]
+    # A new mapping without the job: walked, and the job ends.
+    assert [r.job_id for r in h.observe(_view(), now=30.0)] == ["run"]
