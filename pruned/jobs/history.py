@@ -94,7 +94,7 @@ class JobHistory:
         self._ended: list[JobRecord] | None = None  # ended(), kept until the next change
         # Changes not saved yet: key -> new record, None for a forgotten one.
         self._pending: dict[str, JobRecord | None] = {}
-        self._generation = 0  # the snapshot's; the journal must name it to be replayed
+        self._generation = 0  # the snapshot's (random); the journal must name it to be replayed
         self._journal_lines = 0
         self._compact_next = True  # nothing on disk is known to match: write a snapshot
         for key, rec in (records or {}).items():
@@ -344,7 +344,11 @@ class JobHistory:
     def _compact(self) -> None:
         """A new snapshot of every record, then an empty journal that names it."""
         self.remove_stale_tmp()
-        generation = self._generation + 1
+        # Random, not a counter: the epilog compacts too, and two writers counting from the
+        # same snapshot would both name their journal G+1.
+        generation = self._generation
+        while generation in (self._generation, 0):
+            generation = int.from_bytes(os.urandom(6), "big")
         jobs = {k: asdict(r) for k, r in self._records.items()}
         snapshot = {"version": HISTORY_VERSION, "journal": generation, "jobs": jobs}
         write_atomic(self.path, json.dumps(snapshot, separators=(",", ":")).encode() + b"\n")

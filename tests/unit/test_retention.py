@@ -122,7 +122,7 @@ def test_a_long_journal_is_compacted_into_a_new_snapshot(tmp_path, monkeypatch) 
     assert len(_lines(sd)) <= 11  # the header and at most JOURNAL_MIN changes
     with open(os.path.join(sd, HISTORY_FILE)) as f:
         snap = json.load(f)
-    assert snap["journal"] > 1 and _lines(sd)[0] == {"journal": snap["journal"]}
+    assert _lines(sd)[0] == {"journal": snap["journal"]}
     assert [r.job_id for r in JobHistory.load(sd).records()] == ["last"]
 
 
@@ -183,3 +183,22 @@ def test_an_unchanged_view_is_not_walked_again() -> None:
     assert [r.job_id for r in h.records()] == ["run"] and h.get("run").end is None  # type: ignore[union-attr]
     # A new mapping without the job: walked, and the job ends.
     assert [r.job_id for r in h.observe(_view(), now=30.0)] == ["run"]
+
+
+def test_the_epilog_appends_beside_the_daemon(tmp_path) -> None:
+    """Two writers (the daemon's history in memory, a `pruned epilog` process): the epilog's
+    mark is one appended line, and a later load sees both writers' changes."""
+    sd = str(tmp_path)
+    daemon = JobHistory(sd, {"1": _rec("1", None)})
+    daemon.save()
+    epilog = JobHistory.load(sd)
+    epilog.mark_ended("1", 30001, 50.0)
+    epilog.save()
+    assert [e.get("key") for e in _lines(sd)[1:]] == ["1"]
+    daemon.observe(
+        _view(Job("2", 30001, 5.0, "slurm", True), Job("1", 30001, 1.0, "slurm", True)), now=60.0
+    )
+    daemon.save()
+    back = JobHistory.load(sd)
+    assert back.problems == [] and back.get("1").end == 50.0  # type: ignore[union-attr]
+    assert back.get("2").end is None  # type: ignore[union-attr]
