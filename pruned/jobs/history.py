@@ -375,6 +375,11 @@ class JobHistory:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+        except OSError:
+            # Part of a line may be in the file (ENOSPC): never append behind it; the changes
+            # stay pending for a snapshot at the next save.
+            self._compact_next = True
+            raise
         finally:
             os.close(fd)
         self._journal_lines += len(self._pending)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from pruned.jobs import history, retention
 from pruned.jobs.history import HISTORY_FILE, JOURNAL_FILE, JobHistory, JobRecord
 from pruned.model import Job, JobView
@@ -202,3 +204,26 @@ def test_the_epilog_appends_beside_the_daemon(tmp_path) -> None:
     back = JobHistory.load(sd)
     assert back.problems == [] and back.get("1").end == 50.0  # type: ignore[union-attr]
     assert back.get("2").end is None  # type: ignore[union-attr]
+
+
+def test_a_failed_append_makes_the_next_save_a_snapshot(tmp_path, monkeypatch) -> None:
+    sd = str(tmp_path)
+    h = JobHistory(sd)
+    h.save()
+    h.mark_ended("1", 30001, 5.0)
+    real_write = os.write
+
+    def half_then_enospc(fd: int, data: bytes) -> int:  # a full disk mid-line
+        if len(data) > 8:
+            return real_write(fd, bytes(data[:8]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(history.os, "write", half_then_enospc)
+    with pytest.raises(OSError):
+        h.save()
+    monkeypatch.setattr(history.os, "write", real_write)
+    with open(os.path.join(sd, JOURNAL_FILE), "rb") as f:
+        assert not f.read().endswith(b"\n")  # a torn line is in the file
+    h.save()  # the change was kept pending: now a snapshot, behind no torn line
+    back = JobHistory.load(sd)
+    assert back.problems == [] and [r.job_id for r in back.records()] == ["1"]
