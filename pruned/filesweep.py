@@ -11,6 +11,7 @@ from pruned import log
 from pruned.act.audit import AuditRecord, AuditSink, error_text, event_record, files_record
 from pruned.act.remove import CleanupOutcome, execute_cleanup
 from pruned.jobs.history import JobHistory
+from pruned.jobs.retention import housekeep
 from pruned.jobs.source import read_jobs
 from pruned.linux import procfs
 from pruned.linux.dirfd import container_nodes
@@ -89,11 +90,29 @@ def emit_file_record(
                 "written", e)
 
 
-def learn_jobs(history: JobHistory, jobs: JobView, now: float) -> list[str]:
-    """Record running jobs; jobs seen running before and gone now have ended. Their ids."""
+def learn_jobs(
+    history: JobHistory,
+    jobs: JobView,
+    now: float,
+    policy: Policy | None = None,
+    *,
+    prune: bool = False,
+) -> list[str]:
+    """Record running jobs; jobs seen running before and gone now have ended. Their ids.
+
+    `prune` (the daemon's jobs refresh): also forget jobs ended jobs.keep_ended ago, in the
+    history and the state dir, when due (pruned.jobs.retention); what it did is logged.
+    """
+    pol = policy or Policy()
+    if prune:
+        report = housekeep(history, pol.state_dir, now, pol.keep_ended)
+        if report is not None:
+            log.info(f"state: {report.summary()}")
+            for problem in report.records.problems[:20]:
+                log.warning(f"state: {problem}")
     if jobs.problems:
         return []  # a blind job source must not make every known job look ended
-    return [r.job_id for r in history.observe(jobs, now)]
+    return [r.job_id for r in history.observe(jobs, now, pol.idle_grace)]
 
 
 @dataclass(slots=True)
@@ -158,7 +177,7 @@ def run_clean(
     snap = procfs.snapshot(proc_root)
     jobs = read_jobs(make_sources(policy))
     hist = history if history is not None else JobHistory.load(policy.state_dir)
-    ended_now = learn_jobs(hist, jobs, now)
+    ended_now = learn_jobs(hist, jobs, now, policy)
     if not dry and os.geteuid() == 0:
         hist.save()
     report_only = "; ".join(jobs.problems) or None

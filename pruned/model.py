@@ -360,6 +360,11 @@ class Policy:
     job_sources: tuple[str, ...] = ("slurm",)
     slurm: SlurmSource = field(default_factory=SlurmSource)
     state_dir: str = "/var/lib/pruned"
+    # A job's cgroup with no slurmstepd stays "running" this long (the pause between two steps
+    # without PrologFlags=contain) before the history ends it.
+    idle_grace: float = 600.0
+    # Ended jobs are forgotten (history and state-dir records) this long after their end.
+    keep_ended: float = 7 * 86400.0
     batch_daemons: tuple[str, ...] = (
         "/usr/sbin/slurmstepd",
         "/usr/sbin/pbs_mom",

@@ -166,7 +166,7 @@ class Daemon:
         """Learn job starts and ends (the back-mapping from a file's uid to an ended job)."""
         view = self.jobs(True)
         with self.files_lock:
-            learn_jobs(self.history, view, time.time())
+            learn_jobs(self.history, view, time.time(), self.policy, prune=True)
             self.history.save()
 
     # ------------------------------------------------------------ sweeps

@@ -70,6 +70,8 @@ SCHEMA: dict[str, Any] = {
             "stepd": _Field(list_of(path_item, non_empty=True), "slurm.stepd"),
         },
         "state_dir": _Field(abs_path, "state_dir"),
+        "idle_grace": _Field(duration(False), "idle_grace"),
+        "keep_ended": _Field(duration(True), "keep_ended"),
     },
     "batch_daemons": _Field(list_of(path_item), "batch_daemons"),
     "sshd_paths": _Field(list_of(path_item), "sshd_paths"),
