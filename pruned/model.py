@@ -348,6 +348,9 @@ class Policy:
     dry_run: bool = True
     stray_action: Action = Action.KILL
     adopt_fallback: Action = Action.KILL
+    # Adoption was attempted and the kernel refused it (cgroup.procs EBUSY/ENOSPC/ENOENT...):
+    # ignore (like pam_slurm_adopt's action_adopt_failure=allow) or kill; applied once.
+    adopt_failure: Action = Action.IGNORE
     kill_grace: float = 10.0
     max_kills_per_sweep: int = 50
     # The epilog exits 1 (Slurm drains the node) when a process survived SIGKILL; false: 0.

@@ -19,8 +19,10 @@ from dataclasses import replace
 from functools import lru_cache
 
 from pruned import log
+from pruned.act.adopt import AdoptFailures
 from pruned.act.guard import protected_pids
 from pruned.jobs.slurmpath import membership_from_cgroups
+from pruned.lineage import LineageMemory
 from pruned.linux import procfs
 from pruned.model import (
     Action,
@@ -86,6 +88,8 @@ class Reactor:
         uids: Collection[int] | None = None,
         proc_root: str = "/proc",
         on_report: Callable[[SweepReport], None] | None = None,
+        lineage: LineageMemory | None = None,
+        adopt_failures: AdoptFailures | None = None,
     ) -> None:
         self.get_context = get_context  # -> (policy, facts, sink)
         self.get_jobs = get_jobs  # get_jobs(fresh) -> JobView
@@ -93,6 +97,10 @@ class Reactor:
         self.uids = uids
         self.proc_root = proc_root
         self.on_report = on_report
+        # Shared with the full sweeps: what was judged stray (a re-forker's session outlives
+        # each of its processes) and which adoptions the kernel refused.
+        self.lineage = lineage
+        self.adopt_failures = adopt_failures
         self.q: queue.SimpleQueue[tuple[set[int], set[int]] | None] = queue.SimpleQueue()
         self.children: dict[int, set[int]] = {}
         self.recheck: list[tuple[float, int]] = []  # (monotonic due time, pid)
@@ -180,7 +188,16 @@ class Reactor:
         """Classify and act on exactly these pids (ancestors are read, never acted on)."""
         policy, facts, sink = self.get_context()
         exes = known_exes(policy)  # resolved by the last full sweep, not once per batch
-        snap = pin_host_exes(mini_snapshot(pids, self.proc_root), exes, self.proc_root)
+        snap = mini_snapshot(pids, self.proc_root)
+        if self.lineage is not None:
+            # The lineage rule needs each session and process-group leader that exists (a
+            # leader missing from the picture counts as gone): read the ones not read yet.
+            leaders = {x for p in snap.procs.values() for x in (p.sid, p.pgid)
+                       if x > 1 and x not in snap.procs}  # fmt: skip
+            if leaders:
+                more = mini_snapshot(leaders, self.proc_root)
+                snap = replace(snap, procs={**more.procs, **snap.procs})
+        snap = pin_host_exes(snap, exes, self.proc_root)
         for p in snap.procs.values():
             self.children.setdefault(p.ppid, set()).add(p.pid)
         targets = {pid for pid in pids if pid in snap.procs}
@@ -202,8 +219,11 @@ class Reactor:
         if self._protected is None:
             self._protected = protected_pids(self.proc_root)
         with self.lock:
+            marks = (self.lineage.observe(snap, verdicts, full=False)
+                     if self.lineage is not None else None)
+            failed = self.adopt_failures.view() if self.adopt_failures is not None else None
             full = decide(snap, verdicts, view, policy, protected=self._protected,
-                          uids=self.uids, exes=exes)
+                          uids=self.uids, exes=exes, lineage=marks, adopt_failed=failed)
             mine = tuple(d for d in full.decisions if d.proc.pid in targets)
             hold = self.hold
             if hold:  # the last full sweep was report-only or braked: so is the event path
@@ -217,13 +237,17 @@ class Reactor:
             plan = apply_brake(plan, policy, already=self.kills_since_sweep)
             for d in mine:
                 if d.held_by is HeldBy.YOUNG:
-                    due = time.monotonic() + max(0.05, policy.min_age - snap.age(d.proc)) + 0.05
+                    age = snap.age(d.proc)
+                    if marks and (m := marks.get(d.proc.pid)) is not None:
+                        age = max(age, snap.taken_at - m.since)  # its lineage comes of age first
+                    due = time.monotonic() + max(0.05, policy.min_age - age) + 0.05
                     heapq.heappush(self.recheck, (due, d.proc.pid))
             if not plan.reported():
                 return None
             dry = policy.dry_run
             t0 = time.monotonic()
-            outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root)
+            outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root,
+                               failures=self.adopt_failures, already=self.kills_since_sweep)
             if not dry:
                 self.kills_since_sweep += sum(
                     1 for d in plan.actionable() if d.action is Action.KILL

@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from pruned.act.adopt import adopt
+from pruned.act.adopt import AdoptFailures, adopt, failure_reason
 from pruned.act.audit import AuditSink, event_record, record_for_outcome, summary_record, tally
 from pruned.act.freeze import freeze_and_kill
 from pruned.act.guard import Refused, protected_pids
@@ -25,6 +25,7 @@ from pruned.jobs.slurm import SlurmCgroupSource
 from pruned.jobs.slurmpath import slurm_lines, unknown_lines
 from pruned.jobs.source import JobSource, read_jobs
 from pruned.jobs.statedir import StateDirSource
+from pruned.lineage import LineageMemory
 from pruned.linux import exeid, procfs
 from pruned.linux.users import user_name
 from pruned.model import (
@@ -44,6 +45,7 @@ from pruned.model import (
 from pruned.policy.facts import NodeFacts
 from pruned.rules.classify import classify
 from pruned.rules.decide import decide, recheck
+from pruned.rules.lineage import trace
 
 
 def make_sources(policy: Policy) -> list[JobSource]:
@@ -89,14 +91,29 @@ def observe(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    lineage: LineageMemory | None = None,
+    adopt_failures: AdoptFailures | None = None,
 ) -> Observation:
-    """Read the node and decide, without acting: what scan, explain and every sweep start with."""
+    """Read the node and decide, without acting: what scan, explain and every sweep start with.
+
+    `lineage`: the daemon's memory of stray lineages (without it, only what this snapshot
+    shows: a stray parent, a session with an older stray); `adopt_failures`: processes whose
+    adoption was refused before (not retried).
+    """
     known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
     exes = known_exes(policy)
     snap = pin_host_exes(procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe)), exes,
                          proc_root)  # fmt: skip
     jobs = read_jobs(make_sources(policy) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
+    if lineage is not None:
+        marks = lineage.observe(snap, verdicts, full=True)
+    else:
+        marks = trace(snap, verdicts, {}, {})[0]
+    failed = None
+    if adopt_failures is not None:
+        adopt_failures.prune({p.key for p in snap.procs.values()})
+        failed = adopt_failures.view()
     plan = decide(
         snap,
         verdicts,
@@ -105,6 +122,8 @@ def observe(
         protected=protected_pids(proc_root),
         uids=uids,
         exes=exes,
+        lineage=marks,
+        adopt_failed=failed,
     )
     return Observation(snap, jobs, verdicts, plan, exes)
 
@@ -150,10 +169,14 @@ def execute(
     dry_run: bool,
     proc_root: str = "/proc",
     allow_jobs: Collection[str] = (),
+    failures: AdoptFailures | None = None,
+    already: int = 0,
 ) -> list[Outcome]:
     """Carry out the plan: one Outcome per reported decision, acted or not.
 
     `allow_jobs`: the epilog's own job (id and SLUID), whose cgroup members it may kill.
+    `failures`: the memory of refused adoptions (actions.adopt_failure is applied once);
+    `already`: kills the event path spent since the last full sweep.
     """
     outcomes: list[Outcome] = []
     todo: list[Decision] = []
@@ -167,7 +190,21 @@ def execute(
             continue
         todo.append(d)
 
-    # Group by (action, target job): a tree is acted on as one, rooted at its topmost member.
+    outcomes += _act(todo, snap, jobs, policy, dry_run, proc_root)
+    if not dry_run:
+        outcomes = _after_adopt_failures(
+            outcomes, plan, snap, jobs, policy, proc_root, failures, already
+        )
+    return outcomes
+
+
+def _act(
+    todo: Sequence[Decision], snap: Snapshot, jobs: JobView, policy: Policy, dry_run: bool,
+    proc_root: str,
+) -> list[Outcome]:  # fmt: skip
+    """Act on verified decisions, grouped by (action, target job, uid): a tree is acted on
+    as one, rooted at its topmost member."""
+    outcomes: list[Outcome] = []
     groups: dict[tuple[Action, str | None, int], list[Decision]] = {}
     for d in todo:
         groups.setdefault((d.action, d.target_job, d.proc.uid), []).append(d)
@@ -180,6 +217,64 @@ def execute(
         elif action is Action.ADOPT:
             outcomes += _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root)
     return outcomes
+
+
+def _after_adopt_failures(
+    outcomes: list[Outcome],
+    plan: SweepPlan,
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    proc_root: str,
+    failures: AdoptFailures | None,
+    already: int,
+) -> list[Outcome]:
+    """Apply actions.adopt_failure to each process whose adoption failed, once.
+
+    Each failure is remembered (by pid and starttime) so no later sweep retries it: decide()
+    turns its adopt into the fallback. `kill` kills it now when that fits in the sweep's
+    kill budget (max_kills_per_sweep, less the planned kills and `already`, the event path's
+    kills since the last sweep), else it is left to the next sweep, where the brake judges
+    it like any kill. The adopt_failed record says which, with the kernel's error.
+    """
+    failed = [i for i, o in enumerate(outcomes)
+              if o.decision.action is Action.ADOPT and o.result is Result.FAILED
+              and not o.detail.startswith("refused:")]  # fmt: skip
+    if not failed:
+        return outcomes
+    fb = policy.adopt_failure
+    planned = sum(1 for d in plan.actionable() if d.action is Action.KILL)
+    budget = policy.max_kills_per_sweep - already - planned
+    kill_now = fb is Action.KILL and len(failed) <= budget
+    out = list(outcomes)
+    kills: list[Decision] = []
+    for i in failed:
+        o = out[i]
+        d = o.decision
+        why = dict(o.fields).get("PRUNED_ADOPT_ERROR") or o.detail
+        if failures is not None:
+            failures.remember(d.proc.key, why)
+        if fb is Action.IGNORE:
+            applied = "ignore: left alone, adoption not retried"
+        elif kill_now:
+            applied = "kill: killed now"
+            kills.append(replace(d, action=Action.KILL, target_job=None,
+                                 reason=f"adoption into job {d.target_job} failed ({why}): "
+                                 "adopt_failure kill"))  # fmt: skip
+        else:
+            applied = (f"kill: deferred to the next sweep ({len(failed)} would exceed the "
+                       f"{max(budget, 0)} kills left of max_kills_per_sweep)")
+        out[i] = replace(o, detail=f"{o.detail}; adopt_failure {applied}",
+                         fields=(*o.fields, ("PRUNED_ADOPT_FAILURE", fb.value)))  # fmt: skip
+    todo: list[Decision] = []
+    for d in kills:
+        stop = reverify(d, jobs, proc_root)
+        if stop is not None:
+            out.append(Outcome(d, stop[0], stop[1]))
+        else:
+            todo.append(d)
+    out += _act(todo, snap, jobs, policy, False, proc_root)
+    return out
 
 
 def _per_process(
@@ -279,6 +374,8 @@ def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[O
             return (lambda _k: Result.FAILED), f"refused: {res}", (), ()
         res_of = _classifier(dry_run, res.ok, failed=res.failed, done=res.moved, gone=res.gone)
         fields = tuple(res.audit_fields().items())
+        if res.failed:  # the kernel's refusal, for the adopt_failure memory and the record
+            fields += (("PRUNED_ADOPT_ERROR", failure_reason(res, res.failed[0])),)
         return res_of, res.describe(), tuple(res.moved or res.would), fields
 
     return _per_process(roots, desc, by_pid, result_of)
@@ -339,14 +436,22 @@ def run_sweep(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    lineage: LineageMemory | None = None,
+    adopt_failures: AdoptFailures | None = None,
 ) -> SweepReport:
-    """Observe, decide, act (or would), and write one audit record per decision + a summary."""
+    """Observe, decide, act (or would), and write one audit record per decision + a summary.
+
+    `lineage`, `adopt_failures`: memories kept across sweeps (the daemon's, shared with its
+    event path); without them each sweep knows only what it sees.
+    """
     dry = policy.dry_run if dry_run is None else dry_run
     t0 = time.monotonic()
     started = time.time()
     sweep_id = new_sweep_id()
-    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root)
-    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root)
+    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root,
+                  lineage=lineage, adopt_failures=adopt_failures)  # fmt: skip
+    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root,
+                       failures=adopt_failures)  # fmt: skip
     report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
     audit_sweep(report, sink)
     return report
