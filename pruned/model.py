@@ -235,6 +235,10 @@ class Decision:
     target_job: str | None = None  # the job to adopt into
     held: str | None = None  # why the action is held back, as a sentence
     held_by: HeldBy | None = None  # which guard held it
+    # A young stray judged by the lineage of its session or process group: (kind
+    # "session"/"pgroup", id, epoch since when it is stray). Acting follows the group's
+    # current members of the same uid, so a re-forker's next generation cannot slip by.
+    lineage_group: tuple[str, int, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

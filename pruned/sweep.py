@@ -192,10 +192,83 @@ def execute(
 
     outcomes += _act(todo, snap, jobs, policy, dry_run, proc_root)
     if not dry_run:
+        outcomes += _follow_lineages(plan, outcomes, snap, jobs, policy, proc_root, already)
         outcomes = _after_adopt_failures(
             outcomes, plan, snap, jobs, policy, proc_root, failures, already
         )
     return outcomes
+
+
+def _follow_lineages(
+    plan: SweepPlan,
+    done: Sequence[Outcome],
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    proc_root: str,
+    already: int,
+) -> list[Outcome]:
+    """Kill the current members of each stray session or process group that a kill judged
+    by lineage (Decision.lineage_group), until a pass finds none.
+
+    A re-forker's generation may have exited between the snapshot and the kill, and its
+    child, reparented, is no descendant of anything killed: the re-walk of act/tree follows
+    only sessions led by a member. The group was judged a stray lineage of that uid in this
+    snapshot, and the kernel does not reuse its id while it has members, so a process of the
+    same real uid in it, started since the lineage began, descends from it. Each is re-read
+    and re-checked like any target (gone, uid changed, now in a job: left alone); the kills
+    stay within what is left of max_kills_per_sweep.
+    """
+    groups: dict[tuple[str, int, int], tuple[int, Decision]] = {}
+    for d in plan.actionable():
+        if d.action is Action.KILL and d.lineage_group is not None:
+            kind, gid, since = d.lineage_group
+            ticks = int((since - snap.boot_time) * snap.clk_tck) - 1
+            key = (kind, gid, d.proc.uid)
+            if key not in groups or ticks < groups[key][0]:
+                groups[key] = (ticks, d)
+    if not groups:
+        return []
+    planned = sum(1 for d in plan.actionable() if d.action is Action.KILL)
+    budget = policy.max_kills_per_sweep - already - planned
+    acted = {k for o in done for k in (o.decision.proc.key, *o.signalled)}
+    protected = protected_pids(proc_root)
+    out: list[Outcome] = []
+    for _ in range(3):
+        todo: list[Decision] = []
+        for pid, st in procfs.read_stats(proc_root).items():
+            key = ProcKey(pid, st.starttime)
+            if key in acted or pid in protected or st.zombie or st.kthread:
+                continue
+            for kind, gid, uid in ((k, st.session if k == "session" else st.pgrp, u)
+                                   for k, _g, u in groups):  # fmt: skip
+                hit = groups.get((kind, gid, uid))
+                if hit is None or st.starttime < hit[0]:
+                    continue
+                fresh = procfs.read_proc(pid, proc_root)
+                if fresh is None or fresh.uid != uid or fresh.starttime != st.starttime:
+                    continue
+                base = hit[1]
+                reason = (f"{base.reason}; found in that {kind} {gid} when its member "
+                          f"{base.proc.pid} was killed")  # fmt: skip
+                todo.append(replace(base, proc=fresh, reason=reason))
+                acted.add(key)
+                break
+        todo = todo[: max(budget, 0)]
+        if not todo:
+            break
+        budget -= len(todo)
+        verified = []
+        for d in todo:
+            stop = reverify(d, jobs, proc_root)
+            if stop is not None:
+                out.append(Outcome(d, stop[0], stop[1]))
+            else:
+                verified.append(d)
+        new = _act(verified, snap, jobs, policy, False, proc_root)
+        acted |= {k for o in new for k in o.signalled}
+        out += new
+    return out
 
 
 def _act(

@@ -124,8 +124,10 @@ def decide(
                     # step, never the fresh child of a stray that re-forks and exits.
                     line = evidence(mark, age, grown, policy.min_age)
                     v = d.verdict
+                    g = mark.group
+                    group = (g.kind, g.gid, mark.since) if g is not None else None
                     d = replace(d, verdict=replace(v, evidence=(*v.evidence, line)),
-                                reason=f"{d.reason}; {line}")  # fmt: skip
+                                reason=f"{d.reason}; {line}", lineage_group=group)  # fmt: skip
                 else:
                     why = f"younger than min_age {policy.min_age:g}s: judged later"
                     by = HeldBy.YOUNG

@@ -57,6 +57,7 @@ class LineageMark:
     since: float  # epoch
     rule: str  # "lineage.parent", "lineage.session", "lineage.pgroup"
     what: str  # "its session 4242 of uid 30001 (first stray there: pid 4242 (bash))"
+    group: Group | None = None  # the session or process group, for those rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +82,11 @@ def evidence(mark: LineageMark, age: float, grown: float, min_age: float) -> str
     )
 
 
-def _tainted(snap: Snapshot, verdicts: Mapping[int, Verdict]) -> set[Group]:
+def _tainted(snap: Snapshot, verdicts: Mapping[int, Verdict], ids: set[int]) -> set[Group]:
     """Groups that are not stray lineages: a same-uid member that is not a stray, or a
     whitelisted member of any uid (an admin's shell the stray runs in). Groups of a
-    whitelisted member are tainted for every uid, so they are keyed with uid -1."""
+    whitelisted member are tainted for every uid, so they are keyed with uid -1. Only
+    groups whose id is in `ids` (those of strays) are looked at."""
     out: set[Group] = set()
     for pid, v in verdicts.items():
         p = snap.procs.get(pid)
@@ -93,9 +95,10 @@ def _tainted(snap: Snapshot, verdicts: Mapping[int, Verdict]) -> set[Group]:
         if p is None or v.cls in (ProcClass.STRAY, ProcClass.SYSTEM):
             continue
         uid = -1 if v.cls is ProcClass.WHITELISTED else p.uid
-        for kind, _label in KINDS:
-            gid = p.sid if kind == "session" else p.pgid
-            out.add(Group(kind, uid, gid))
+        if p.sid in ids:
+            out.add(Group("session", uid, p.sid))
+        if p.pgid in ids:
+            out.add(Group("pgroup", uid, p.pgid))
     return out
 
 
@@ -116,7 +119,7 @@ def trace(
          and (p := snap.procs.get(pid)) is not None and not p.zombie),
         key=lambda p: (p.starttime, p.pid),
     )  # fmt: skip
-    tainted = _tainted(snap, verdicts)
+    tainted = _tainted(snap, verdicts, {x for p in strays for x in (p.sid, p.pgid)})
     work: dict[Group, GroupMemo] = {}  # groups as this observation leaves them
     drop: set[Group] = set()
     marks: dict[int, LineageMark] = {}
@@ -172,7 +175,7 @@ def trace(
                 best = m.since
                 mark = LineageMark(
                     best, f"lineage.{kind}",
-                    f"its {label} {g.gid} of uid {g.uid} (first stray there: {m.first})",
+                    f"its {label} {g.gid} of uid {g.uid} (first stray there: {m.first})", g,
                 )  # fmt: skip
         since_of[p.pid] = best
         if mark is not None:
