@@ -56,13 +56,22 @@ class LineageMemory:
         return marks
 
     def _prune(self, snap: Snapshot) -> None:
-        live = {p.key for p in snap.procs.values()}
-        self.keys = {k: m for k, m in self.keys.items() if k in live}
-        present = set()
-        for p in snap.procs.values():
-            present.add(Group("session", p.uid, p.sid))
-            present.add(Group("pgroup", p.uid, p.pgid))
-        self.groups = {g: m for g, m in self.groups.items() if g in present}
+        """Forget processes the snapshot does not show and groups with no member in it;
+        costs a pass over the snapshot only while groups are remembered."""
+        procs = snap.procs
+        self.keys = {k: m for k, m in self.keys.items()
+                     if (p := procs.get(k.pid)) is not None and p.starttime == k.starttime}
+        if not self.groups:
+            return
+        wanted = {g.gid for g in self.groups}
+        present: set[tuple[str, int, int]] = set()
+        for p in procs.values():
+            if p.sid in wanted:
+                present.add(("session", p.uid, p.sid))
+            if p.pgid in wanted:
+                present.add(("pgroup", p.uid, p.pgid))
+        self.groups = {g: m for g, m in self.groups.items()
+                       if (g.kind, g.uid, g.gid) in present}
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.groups)

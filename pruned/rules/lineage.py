@@ -88,11 +88,15 @@ def _tainted(snap: Snapshot, verdicts: Mapping[int, Verdict], ids: set[int]) -> 
     whitelisted member are tainted for every uid, so they are keyed with uid -1. Only
     groups whose id is in `ids` (those of strays) are looked at."""
     out: set[Group] = set()
-    for pid, v in verdicts.items():
-        p = snap.procs.get(pid)
+    if not ids:
+        return out
+    for pid, p in snap.procs.items():
+        if p.sid not in ids and p.pgid not in ids:  # most of a node: nothing to look at
+            continue
+        v = verdicts.get(pid)
         # A system process (a setuid su or passwd in a user's session) says nothing: a
         # session it leads is refused by the leader check.
-        if p is None or v.cls in (ProcClass.STRAY, ProcClass.SYSTEM):
+        if v is None or v.cls in (ProcClass.STRAY, ProcClass.SYSTEM):
             continue
         uid = -1 if v.cls is ProcClass.WHITELISTED else p.uid
         if p.sid in ids:
