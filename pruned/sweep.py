@@ -286,10 +286,39 @@ def _act(
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
         if action is Action.KILL:
-            outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root)
+            extra = _gone_leaders(roots, desc, by_pid, snap, protected_pids(proc_root))
+            outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root, extra)
         elif action is Action.ADOPT:
             outcomes += _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root)
     return outcomes
+
+
+def _gone_leaders(
+    roots: Sequence[Proc],
+    desc: dict[int, list[int]],
+    by_pid: dict[int, Decision],
+    snap: Snapshot,
+    protected: frozenset[int],
+) -> dict[int, list[ProcKey]]:
+    """root pid -> the gone leaders of the stray groups its members were judged by.
+
+    Handed to the kill as members that are already gone, they make its re-walk (act/tree:
+    a session or process group whose leader is gone is followed for the tree's own uid,
+    for processes started after the leader) take in, stop and kill whatever the group holds
+    now: the re-forker's next generation, reparented before the first signal. The start
+    given is that of the lineage, which the leader's cannot be later than.
+    """
+    out: dict[int, list[ProcKey]] = {}
+    for r in roots:
+        for pid in (r.pid, *desc[r.pid]):
+            g = by_pid[pid].lineage_group
+            if g is None or g[1] in snap.procs or g[1] in protected:
+                continue
+            ticks = max(0, int((g[2] - snap.boot_time) * snap.clk_tck) - 1)
+            key = ProcKey(g[1], ticks)
+            if key not in out.get(r.pid, ()):
+                out.setdefault(r.pid, []).append(key)
+    return out
 
 
 def _after_adopt_failures(
@@ -390,8 +419,10 @@ def _classifier(
     return res_of
 
 
-def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
-    trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
+def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root, extra=None) -> list[Outcome]:
+    extra = extra or {}
+    trees = [(r.key, [*(by_pid[p].proc.key for p in desc[r.pid]), *extra.get(r.pid, ())])
+             for r in roots]  # fmt: skip
     try:
         # Each tree is contained in a quarantine cgroup before its first SIGTERM: what it
         # forks while it handles the signal cannot get away (pruned.act.contain).
