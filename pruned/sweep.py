@@ -219,14 +219,15 @@ def _follow_lineages(
     and re-checked like any target (gone, uid changed, now in a job: left alone); the kills
     stay within what is left of max_kills_per_sweep.
     """
-    groups: dict[tuple[str, int, int], tuple[int, Decision]] = {}
+    # (kind, id) -> uid -> (start of the lineage in ticks, a decision judged by it)
+    groups: dict[tuple[str, int], dict[int, tuple[int, Decision]]] = {}
     for d in plan.actionable():
         if d.action is Action.KILL and d.lineage_group is not None:
             kind, gid, since = d.lineage_group
             ticks = int((since - snap.boot_time) * snap.clk_tck) - 1
-            key = (kind, gid, d.proc.uid)
-            if key not in groups or ticks < groups[key][0]:
-                groups[key] = (ticks, d)
+            per_uid = groups.setdefault((kind, gid), {})
+            if d.proc.uid not in per_uid or ticks < per_uid[d.proc.uid][0]:
+                per_uid[d.proc.uid] = (ticks, d)
     if not groups:
         return []
     planned = sum(1 for d in plan.actionable() if d.action is Action.KILL)
@@ -240,13 +241,14 @@ def _follow_lineages(
             key = ProcKey(pid, st.starttime)
             if key in acted or pid in protected or st.zombie or st.kthread:
                 continue
-            for kind, gid, uid in ((k, st.session if k == "session" else st.pgrp, u)
-                                   for k, _g, u in groups):  # fmt: skip
-                hit = groups.get((kind, gid, uid))
-                if hit is None or st.starttime < hit[0]:
+            for kind, gid in (("session", st.session), ("pgroup", st.pgrp)):
+                per_uid = groups.get((kind, gid))
+                if per_uid is None:
                     continue
                 fresh = procfs.read_proc(pid, proc_root)
-                if fresh is None or fresh.uid != uid or fresh.starttime != st.starttime:
+                hit = per_uid.get(fresh.uid) if fresh is not None else None
+                if hit is None or fresh is None or fresh.starttime != st.starttime \
+                        or st.starttime < hit[0]:
                     continue
                 base = hit[1]
                 reason = (f"{base.reason}; found in that {kind} {gid} when its member "
