@@ -101,7 +101,8 @@ class Reactor:
         # each of its processes) and which adoptions the kernel refused.
         self.lineage = lineage
         self.adopt_failures = adopt_failures
-        self.q: queue.SimpleQueue[tuple[set[int], set[int]] | None] = queue.SimpleQueue()
+        self.q: queue.SimpleQueue[tuple[set[int], set[int], dict[int, int]] | None] = (
+            queue.SimpleQueue())
         self.children: dict[int, set[int]] = {}
         self.recheck: list[tuple[float, int]] = []  # (monotonic due time, pid)
         self._thread: threading.Thread | None = None
@@ -120,8 +121,11 @@ class Reactor:
         self.kills_since_sweep = 0
 
     # called from the watcher thread: never blocks
-    def on_pids(self, changed: set[int], exited: set[int]) -> None:
-        self.q.put((changed, exited))
+    def on_pids(
+        self, changed: set[int], exited: set[int], parents: dict[int, int] | None = None
+    ) -> None:
+        """`parents`: child -> the pid that forked it (EventWatcher(parents=True))."""
+        self.q.put((changed, exited, parents or {}))
 
     def seed(self, snap: Snapshot) -> None:
         """Parent -> children from a full snapshot, to find orphans when a parent exits."""
@@ -153,11 +157,12 @@ class Reactor:
             try:
                 item = self.q.get(timeout=timeout)
             except queue.Empty:
-                item = (set(), set())
+                item = (set(), set(), {})
             if self._stopping:
                 break
             pids: set[int] = set()
             exited: set[int] = set()
+            parents: dict[int, int] = {}
             items = [item]
             while True:  # merge whatever else queued up meanwhile
                 try:
@@ -172,6 +177,7 @@ class Reactor:
                     continue
                 pids |= it[0]
                 exited |= it[1]
+                parents.update(it[2])
             for pid in exited:
                 pids |= self.children.pop(pid, set())
                 pids.discard(pid)
@@ -180,12 +186,18 @@ class Reactor:
                 pids.add(heapq.heappop(self.recheck)[1])
             if pids:
                 try:
-                    self.handle(pids)
+                    self.handle(pids, parents)
                 except Exception as e:  # keep the worker alive; the sweep is the safety net
                     log.error(f"event handling failed: {type(e).__name__}: {e}")
+            if exited and self.lineage is not None:
+                # After the batch was judged: a child forked by one of these was linked to it.
+                self.lineage.forget(exited)
 
-    def handle(self, pids: set[int]) -> SweepReport | None:
-        """Classify and act on exactly these pids (ancestors are read, never acted on)."""
+    def handle(self, pids: set[int], parents: dict[int, int] | None = None) -> SweepReport | None:
+        """Classify and act on exactly these pids (ancestors are read, never acted on).
+
+        `parents`: child -> forking pid from this batch's fork events (lineage of a child
+        whose parent exited before it was read)."""
         policy, facts, sink = self.get_context()
         exes = known_exes(policy)  # resolved by the last full sweep, not once per batch
         snap = mini_snapshot(pids, self.proc_root)
@@ -219,7 +231,7 @@ class Reactor:
         if self._protected is None:
             self._protected = protected_pids(self.proc_root)
         with self.lock:
-            marks = (self.lineage.observe(snap, verdicts, full=False)
+            marks = (self.lineage.observe(snap, verdicts, full=False, parents=parents)
                      if self.lineage is not None else None)
             failed = self.adopt_failures.view() if self.adopt_failures is not None else None
             full = decide(snap, verdicts, view, policy, protected=self._protected,

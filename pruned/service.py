@@ -267,7 +267,8 @@ class Daemon:
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
                                on_report=self.on_event_report, lineage=self.lineage,
                                adopt_failures=self.adopt_failures).start()
-        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost).start()
+        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost,
+                                           parents=True).start()  # fmt: skip
         self.events_note = "events on"
 
     def stop_events(self) -> None:

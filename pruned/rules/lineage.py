@@ -9,6 +9,8 @@ stray whose lineage has been stray for at least min_age.
 
 What counts as lineage, and why each is safe:
 - its parent, when the parent is in the same picture, a stray of the same uid, and older;
+  or, on the event path, the stray that forked it (the kernel's fork event names it) and
+  has exited since, as remembered by (pid, starttime) when it was seen alive;
 - a (uid, session id) or (uid, process group id) in which a stray was seen before (memory
   kept by pruned.lineage) or earlier in this picture. The kernel never reuses a pid while a
   session or process group of that id has members (struct pid stays referenced), and the
@@ -23,7 +25,7 @@ What counts as lineage, and why each is safe:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from pruned.model import ProcClass, ProcKey, Snapshot, Verdict
@@ -58,6 +60,7 @@ class LineageMark:
     rule: str  # "lineage.parent", "lineage.session", "lineage.pgroup"
     what: str  # "its session 4242 of uid 30001 (first stray there: pid 4242 (bash))"
     group: Group | None = None  # the session or process group, for those rules
+    uid: int = -1  # whose process it was given to (a key of another uid is not its lineage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,17 @@ class LineageUpdate:
     keys: dict[ProcKey, LineageMark] = field(default_factory=dict)
     groups: dict[Group, GroupMemo] = field(default_factory=dict)
     drop: frozenset[Group] = frozenset()
+    strays: dict[ProcKey, Forker] = field(default_factory=dict)  # every stray seen
+
+
+@dataclass(frozen=True, slots=True)
+class Forker:
+    """A stray as a possible parent: who it is and since when its lineage is stray."""
+
+    key: ProcKey
+    uid: int
+    since: float
+    comm: str
 
 
 def iso(epoch: float) -> str:
@@ -111,9 +125,11 @@ def trace(
     verdicts: Mapping[int, Verdict],
     keys: Mapping[ProcKey, LineageMark],
     groups: Mapping[Group, GroupMemo],
+    forked: Mapping[int, Forker] | None = None,
 ) -> tuple[dict[int, LineageMark], LineageUpdate]:
     """Each stray's lineage mark (only where the lineage is older than the process), and
-    what the memory learns. `keys`, `groups`: the memory from earlier observations.
+    what the memory learns. `keys`, `groups`: the memory from earlier observations;
+    `forked`: pid -> the remembered stray that forked it and is gone now (fork events).
 
     The caller must have read every group leader that exists (pid == sid or pgid of a
     stray) into `snap`: a leader missing from it counts as gone.
@@ -158,13 +174,19 @@ def trace(
         start = snap.start_epoch(p)
         best, mark = start, None
         known = keys.get(p.key)
-        if known is not None and known.since < best:
+        if known is not None and known.uid == p.uid and known.since < best:
             best, mark = known.since, known
         parent = snap.procs.get(p.ppid)
         if (parent is not None and parent.pid in since_of and parent.uid == p.uid
                 and parent.starttime <= p.starttime and since_of[parent.pid] < best):
             best = since_of[parent.pid]
             mark = LineageMark(best, "lineage.parent", f"its parent {parent.pid} ({parent.comm})")
+        fk = forked.get(p.pid) if forked else None
+        if (fk is not None and fk.uid == p.uid and fk.key.starttime <= p.starttime
+                and fk.since < best):
+            best = fk.since
+            mark = LineageMark(best, "lineage.parent", f"its parent {fk.key.pid} ({fk.comm}, "
+                               "which forked it and exited)")  # fmt: skip
         seen_groups: list[tuple[Group, ProcKey | None, GroupMemo | None]] = []
         for kind, label in KINDS:
             g = Group(kind, p.uid, p.sid if kind == "session" else p.pgid)
@@ -184,7 +206,7 @@ def trace(
         since_of[p.pid] = best
         if mark is not None:
             marks[p.pid] = mark
-            new_keys[p.key] = mark
+            new_keys[p.key] = replace(mark, uid=p.uid)
         for g, leader, m in seen_groups:
             if m is None:
                 m = GroupMemo(best, leader, f"pid {p.pid} ({p.comm})", snap.taken_at)
@@ -194,4 +216,5 @@ def trace(
                 m = GroupMemo(m.since, m.leader, m.first, snap.taken_at)
             work[g] = m
             drop.discard(g)
-    return marks, LineageUpdate(new_keys, work, frozenset(drop))
+    strays_seen = {p.key: Forker(p.key, p.uid, since_of[p.pid], p.comm) for p in strays}
+    return marks, LineageUpdate(new_keys, work, frozenset(drop), strays_seen)

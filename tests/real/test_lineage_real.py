@@ -185,6 +185,36 @@ def test_event_path_leaves_nothing_of_a_reforker_but_holds_a_new_session(
         reactor.stop()
 
 
+def test_event_path_follows_a_reforker_that_setsids_every_generation(tmp_path, reforker_user):
+    """Each generation makes a new session (and process group) and exits right after the
+    fork, so no session, group or live parent links them: only the kernel's fork events
+    (the parent at fork time) do."""
+    why = probe()
+    if why is not None:
+        pytest.skip(why)
+    user = reforker_user
+    policy = policy_for(tmp_path)
+    facts, sink = resolve_facts(policy), ListSink()
+    reactor = Reactor(lambda: (policy, facts, sink),
+                      lambda _fresh: read_jobs(make_sources(policy)), threading.Lock(),
+                      uids={user.uid}, lineage=LineageMemory()).start()  # fmt: skip
+    watcher = EventWatcher(reactor.on_pids, lambda _why: None, parents=True).start()
+    try:
+        script = Path(user.home, "reforker.sh")
+        script.write_text("#!/bin/bash\nsleep 0.5\nsetsid \"$0\" &\nexit 0\n")
+        script.chmod(0o755)
+        os.chown(script, user.uid, user.gid)
+        setsid_as(user, f"exec {script}")
+        assert wait_until(lambda: none_left(user.uid), 30), "the re-forker lives on"
+        rec = [r for r in sink.records if r.event == "process_killed"
+               and r.fields["PRUNED_UID"] == str(user.uid)]  # fmt: skip
+        assert any("which forked it and exited" in r.fields.get("PRUNED_EVIDENCE", "")
+                   for r in rec), [r.fields.get("PRUNED_EVIDENCE") for r in rec]
+    finally:
+        watcher.stop()
+        reactor.stop()
+
+
 # ------------------------------------------------------------------ adoption refused
 
 CG = "/sys/fs/cgroup"

@@ -208,3 +208,31 @@ def test_adopt_failure_is_applied_instead_of_a_retry() -> None:
         is Action.ADOPT
     failures.prune(set())
     assert failures.view() == {}
+
+
+def test_fork_events_link_a_child_to_its_exited_stray_forker() -> None:
+    """The event path: gen1 was seen; it forked a child (which forked gen3) and both exited
+    before gen3 was read; gen3 made its own session. Only the fork events link them."""
+    from pruned.linux.cnproto import ProcEvent
+    from pruned.linux.connector import EventBatcher
+
+    def ev(what: str, pid: int, parent: int) -> ProcEvent:
+        return ProcEvent(what, pid, pid, parent, parent, None, None, 0, None)
+
+    b = EventBatcher(delay=0.0)
+    b.feed([ev("fork", 101, 100), ev("fork", 102, 101), ev("exit", 101, 0)], now=0.0)
+    assert b.due(0.0) == ({102}, {101}) and b.batch_parents == {101: 100, 102: 101}
+    mem = LineageMemory()
+    s1 = snap(T0, P(100, 1, BOB, age=30, now=T0, sid=100))
+    mem.observe(s1, {100: STRAY}, full=False)
+    t = T0 + 1
+    s2 = snap(t, P(102, 1, BOB, age=0.2, now=t, sid=102))
+    marks = mem.observe(s2, {102: STRAY}, full=False, parents=b.batch_parents)
+    assert marks[102].rule == "lineage.parent" and marks[102].since == pytest.approx(T0 - 30)
+    assert "which forked it and exited" in marks[102].what
+    # another uid's child, or a forker forgotten on its exit event, is no lineage
+    s3 = snap(t, P(102, 1, CAROL, age=0.2, now=t, sid=102))
+    assert mem.observe(s3, {102: STRAY}, full=False, parents=b.batch_parents) == {}
+    mem.forget([100])
+    s4 = snap(t, P(103, 1, BOB, age=0.2, now=t, sid=103))
+    assert mem.observe(s4, {103: STRAY}, full=False, parents={103: 100}) == {}
