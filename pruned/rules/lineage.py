@@ -176,6 +176,10 @@ def trace(
         known = keys.get(p.key)
         if known is not None and known.uid == p.uid and known.since < best:
             best, mark = known.since, known
+            if known.group is not None and not usable(known.group)[0]:
+                # Its lineage stays, but a group that is no stray lineage now (a member
+                # adopted or whitelisted since) is not one the kill may follow.
+                mark = replace(known, group=None)
         parent = snap.procs.get(p.ppid)
         if (parent is not None and parent.pid in since_of and parent.uid == p.uid
                 and parent.starttime <= p.starttime and since_of[parent.pid] < best):

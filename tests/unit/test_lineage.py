@@ -236,3 +236,17 @@ def test_fork_events_link_a_child_to_its_exited_stray_forker() -> None:
     mem.forget([100])
     s4 = snap(t, P(103, 1, BOB, age=0.2, now=t, sid=103))
     assert mem.observe(s4, {103: STRAY}, full=False, parents={103: 100}) == {}
+
+
+def test_a_remembered_mark_keeps_its_age_but_not_a_group_gone_bad() -> None:
+    """p was judged by session 40's lineage; a whitelisted process has joined session 40
+    since: p stays of that lineage, but acting no longer follows the session."""
+    s = snap(T0, P(50, 1, BOB, age=500, now=T0, sid=40), P(60, 1, BOB, age=1, now=T0, sid=40))
+    mem = LineageMemory()
+    assert mem.observe(s, {50: STRAY, 60: STRAY}, full=True)[60].group is not None
+    t = T0 + 2
+    s2 = snap(t, P(60, 1, BOB, age=3, now=t, sid=40), P(70, 1, BOB, age=1, now=t, sid=40))
+    marks = mem.observe(s2, {60: STRAY, 70: WHITE}, full=True)
+    assert marks[60].since == pytest.approx(T0 - 500) and marks[60].group is None
+    d = plan_of(s2, {60: STRAY, 70: WHITE}, marks)[60]
+    assert d.held is None and d.lineage_group is None
