@@ -20,6 +20,7 @@ from functools import lru_cache
 
 from pruned import log
 from pruned.act.adopt import AdoptFailures
+from pruned.act.audit import error_text, event_record, outcome_fallback_record
 from pruned.act.guard import protected_pids
 from pruned.jobs.slurmpath import membership_from_cgroups
 from pruned.lineage import LineageMemory
@@ -31,6 +32,7 @@ from pruned.model import (
     Observation,
     Policy,
     Proc,
+    Result,
     Snapshot,
     SweepPlan,
 )
@@ -116,9 +118,10 @@ class Reactor:
         self._stopping = False
         self.handled = 0
         # Set by the daemon after each full sweep: why the event path must not act (the
-        # sweep was report-only or tripped the brake), or None. And the kills spent since.
+        # sweep was report-only or tripped the brake), or None. And the uids the event path
+        # killed since: together its batches stay within one sweep's brake (max_uids).
         self.hold: str | None = None
-        self.kills_since_sweep = 0
+        self.killed_uids: frozenset[int] = frozenset()
 
     # called from the watcher thread: never blocks
     def on_pids(
@@ -135,7 +138,7 @@ class Reactor:
         # Publish first, then the marker: the worker swaps it in when it meets the marker,
         # no lock needed (the other order could let the worker see the marker first).
         self._seed = children
-        self.kills_since_sweep = 0
+        self.killed_uids = frozenset()
         self.q.put(None)
 
     def start(self) -> Reactor:
@@ -188,10 +191,23 @@ class Reactor:
                 try:
                     self.handle(pids, parents)
                 except Exception as e:  # keep the worker alive; the sweep is the safety net
-                    log.error(f"event handling failed: {type(e).__name__}: {e}")
+                    self._batch_failed(pids, e)
             if exited and self.lineage is not None:
                 # After the batch was judged: a child forked by one of these was linked to it.
                 self.lineage.forget(exited)
+
+    def _batch_failed(self, pids: set[int], e: Exception) -> None:
+        """A bug outside any one process's handling (execute and audit_sweep skip a failing
+        process themselves): log it with where it came from, and put it on the audit record."""
+        log.bug(f"event batch of {len(pids)} pids failed", e)
+        some = " ".join(str(p) for p in sorted(pids)[:20])
+        try:
+            sink = self.get_context()[2]
+            sink.emit(event_record("internal_error", f"event batch of {len(pids)} processes "
+                                   f"failed, left to the next sweep: {error_text(e)}",
+                                   reason=error_text(e), pids=some))  # fmt: skip
+        except Exception as e2:
+            log.bug("event batch failure not recorded", e2)
 
     def handle(self, pids: set[int], parents: dict[int, int] | None = None) -> SweepReport | None:
         """Classify and act on exactly these pids (ancestors are read, never acted on).
@@ -246,7 +262,7 @@ class Reactor:
                     for d in mine
                 )
             plan = SweepPlan(mine, full.report_only, None)
-            plan = apply_brake(plan, policy, already=self.kills_since_sweep)
+            plan = apply_brake(plan, policy, already=self.killed_uids)
             for d in mine:
                 if d.held_by is HeldBy.YOUNG:
                     age = snap.age(d.proc)
@@ -259,14 +275,22 @@ class Reactor:
             dry = policy.dry_run
             t0 = time.monotonic()
             outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root,
-                               failures=self.adopt_failures, already=self.kills_since_sweep)
+                               failures=self.adopt_failures, already=self.killed_uids)
             if not dry:
-                self.kills_since_sweep += sum(
-                    1 for d in plan.actionable() if d.action is Action.KILL
-                )
-            obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
-            report = SweepReport("event-" + new_sweep_id(), time.time(),
-                                 time.monotonic() - t0, dry, obs, outcomes)
+                # the plan's kills, and any adopt_failure kill execute added
+                self.killed_uids |= {d.proc.uid for d in plan.actionable()
+                                     if d.action is Action.KILL}
+                self.killed_uids |= {o.decision.proc.uid for o in outcomes
+                                     if o.decision.action is Action.KILL
+                                     and o.result is Result.DONE}  # fmt: skip
+            sid = "event-" + new_sweep_id()
+            try:
+                obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)
+                report = SweepReport(sid, time.time(), time.monotonic() - t0, dry, obs, outcomes)
+            except Exception as e:  # what was done is recorded before the error ends the batch
+                for o in outcomes:
+                    sink.emit(outcome_fallback_record(o, sid, dry, e))
+                raise
             audit_sweep(report, sink)
         self.handled += len(outcomes)
         if self.on_report is not None:

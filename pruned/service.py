@@ -32,16 +32,17 @@ from collections.abc import Collection
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from pruned import log
+from pruned import __version__, log
 from pruned.act.adopt import AdoptFailures
 from pruned.act.audit import AuditSink, event_record, make_sink
-from pruned.act.metrics import SweepMetrics, render
+from pruned.act.metrics import MetricsState, SweepMetrics
 from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
 from pruned.lineage import LineageMemory
 from pruned.linux import connector as events
+from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
 from pruned.model import JobView, Policy, Result
 from pruned.policy import lastgood
@@ -49,6 +50,7 @@ from pruned.policy.facts import NodeFacts, resolve_facts
 from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
+from pruned.text import printable
 
 
 def sd_notify(message: str) -> bool:
@@ -60,7 +62,9 @@ def sd_notify(message: str) -> bool:
         path = "\0" + path[1:]  # abstract socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            s.sendto(message.encode(), path)
+            # each KEY=VALUE line escaped (pruned.text): a STATUS= quoting a name cannot
+            # fail to encode (no WATCHDOG=1 then) nor forge a second assignment
+            s.sendto("\n".join(map(printable, message.split("\n"))).encode(), path)
         except OSError as e:
             log.warning(f"sd_notify failed: {e}")
             return False
@@ -97,11 +101,7 @@ def read_reload_status(pid: int) -> dict | None:
 
 def is_pruned_daemon(pid: int) -> bool:
     """Whether pid runs `pruned run` (by its command line; only root can signal a root one)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
+    argv = procfs.read_cmdline(pid).split(b"\0")  # bounded in size and time
     return b"run" in argv and any(b"pruned" in a for a in argv[:3])
 
 
@@ -133,9 +133,9 @@ class Daemon:
         self.files_lock = threading.Lock()  # history: job refresh and file sweeps
         self.history = JobHistory.load(self.policy.state_dir)
         self.jobs_cache: JobView | None = None
-        self.sweeps: dict[str, SweepMetrics] = {}
-        self.totals: Counter[tuple[str, str]] = Counter()
-        self.metrics_lock = threading.Lock()  # sweeps, file sweeps and events all write metrics
+        # Sweeps, file sweeps, events and reloads all update it (it has its own lock).
+        self.metrics = MetricsState(__version__, time.time())
+        self.metrics.policy_applied(not policy.dry_run, policy.cleanup.enabled, time.time())
         self.resync_pending = threading.Event()
         self.scheduler: BackgroundScheduler | None = None
         self.watcher: events.EventWatcher | None = None
@@ -178,26 +178,29 @@ class Daemon:
 
     def process_sweep(self) -> SweepReport:
         policy, facts, sink = self.context()
-        with self.act_lock:
-            report = run_sweep(policy, facts, sink, uids=self.uids, lineage=self.lineage,
-                               adopt_failures=self.adopt_failures)
+        try:
+            with self.act_lock:
+                report = run_sweep(policy, facts, sink, uids=self.uids, lineage=self.lineage,
+                                   adopt_failures=self.adopt_failures)
+        except Exception:
+            self.metrics.sweep_failed("process")
+            self.write_metrics()
+            raise
         self.jobs_cache = report.observation.jobs
         plan = report.observation.plan
         reactor = self.reactor  # read once: a reload or stop may clear it meanwhile
         if reactor is not None:
             reactor.hold = plan.brake or ("; ".join(plan.report_only) or None)
             reactor.seed(report.observation.snap)
-        with self.metrics_lock:
-            self.totals.update(report.by_action_result)
-            self.sweeps["process"] = SweepMetrics(
-                "process",
-                time.time(),
-                report.duration,
-                dict(report.by_class),
-                dict(report.by_action_result),
-                brake=plan.brake is not None,
-                report_only=bool(plan.report_only),
-            )
+        self.metrics.process_sweep(SweepMetrics(
+            "process",
+            time.time(),
+            report.duration,
+            dict(report.by_class),
+            dict(report.by_action_result),
+            brake=plan.brake is not None,
+            report_only=bool(plan.report_only),
+        ))
         self.write_metrics()
         # Only a sweep that completed may feed the watchdog.
         sd_notify(f"WATCHDOG=1\nSTATUS={self.status(report)}")
@@ -211,24 +214,31 @@ class Daemon:
 
     def file_sweep(self) -> CleanReport:
         policy, facts, sink = self.context()
-        with self.files_lock:
-            report = run_clean(policy, facts, sink, history=self.history)
+        try:
+            with self.files_lock:
+                report = run_clean(policy, facts, sink, history=self.history)
+        except Exception:
+            self.metrics.sweep_failed("files")
+            self.write_metrics()
+            raise
         done = [o for o in report.outcomes if o.result is Result.DONE]
-        with self.metrics_lock:
-            self.sweeps["files"] = SweepMetrics(
+        self.metrics.file_sweep(
+            SweepMetrics(
                 "files",
                 time.time(),
-                0.0,
+                report.duration,
+                report_only=report.report_only is not None,
                 files_removed=sum(o.files for o in done),
                 bytes_removed=sum(o.bytes for o in done),
-            )
+            ),
+            Counter(o.result.value for o in report.outcomes),
+        )
         self.write_metrics()
         return report
 
     def on_event_report(self, report: SweepReport) -> None:
         """Kills by the event path count in the running totals too."""
-        with self.metrics_lock:
-            self.totals.update(report.by_action_result)
+        self.metrics.event_actions(report.by_action_result)
         self.write_metrics()
 
     def write_metrics(self) -> None:
@@ -236,8 +246,7 @@ class Daemon:
         if not path:
             return
         try:
-            with self.metrics_lock:  # render() iterates what other threads update
-                text = render(self.sweeps, self.totals)
+            text = self.metrics.text()
             write_atomic(path, text.encode(), 0o644, durable=False)
         except OSError as e:
             log.warning(f"cannot write metrics {path}: {e.strerror}")
@@ -350,6 +359,8 @@ class Daemon:
                                         reason=where, errors=len(errors)))
             sd_notify(f"STATUS=policy rejected ({where}); running with the last good one")
             self.report_reload(False, errors)
+            self.metrics.reload_rejected()
+            self.write_metrics()
             return
         self._ctx = ctx
         self.keep_last_good(loaded)
@@ -359,6 +370,8 @@ class Daemon:
         self.schedule()
         self.start_events()
         self.report_reload(True, [])
+        self.metrics.policy_applied(not policy.dry_run, policy.cleanup.enabled, time.time())
+        self.write_metrics()
 
     def run(self) -> int:
         try:
@@ -382,6 +395,7 @@ class Daemon:
         self.scheduler.start()
         _remove_stale_statuses()
         self.report_reload(True, [])
+        self.write_metrics()  # every series at 0 before the first sweep
         sd_notify(f"READY=1\nSTATUS=ready (mode {mode}); first sweep running")
         # The first sweeps now, not one interval from now.
         self.scheduler.add_job(self.process_sweep, id="first", executor="sweeps")

@@ -16,8 +16,20 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from pruned import log
 from pruned.act.adopt import AdoptFailures, adopt, failure_reason
-from pruned.act.audit import AuditSink, event_record, record_for_outcome, summary_record, tally
+from pruned.act.audit import (
+    AuditRecord,
+    AuditSink,
+    error_text,
+    event_record,
+    group_held,
+    held_record,
+    outcome_fallback_record,
+    record_for_outcome,
+    summary_record,
+    tally,
+)
 from pruned.act.freeze import freeze_and_kill
 from pruned.act.guard import Refused, protected_pids
 from pruned.act.kill import kill_many
@@ -170,13 +182,13 @@ def execute(
     proc_root: str = "/proc",
     allow_jobs: Collection[str] = (),
     failures: AdoptFailures | None = None,
-    already: int = 0,
+    already: Collection[int] = (),
 ) -> list[Outcome]:
     """Carry out the plan: one Outcome per reported decision, acted or not.
 
     `allow_jobs`: the epilog's own job (id and SLUID), whose cgroup members it may kill.
     `failures`: the memory of refused adoptions (actions.adopt_failure is applied once);
-    `already`: kills the event path spent since the last full sweep.
+    `already`: uids the event path killed since the last full sweep (the brake's count).
     """
     outcomes: list[Outcome] = []
     todo: list[Decision] = []
@@ -184,7 +196,12 @@ def execute(
         if d.held is not None:
             outcomes.append(Outcome(d, Result.SKIPPED, d.held))
             continue
-        why = None if dry_run else reverify(d, jobs, proc_root, allow_jobs)
+        try:
+            why = None if dry_run else reverify(d, jobs, proc_root, allow_jobs)
+        except Exception as e:  # a bug re-reading this one process: skip it, not the sweep
+            log.bug(f"re-check of pid {d.proc.pid} failed, skipped", e)
+            outcomes.append(internal_error_outcome(d, "re-check", e))
+            continue
         if why is not None:
             outcomes.append(Outcome(d, why[0], why[1]))
             continue
@@ -192,7 +209,7 @@ def execute(
 
     outcomes += _act(todo, snap, jobs, policy, dry_run, proc_root)
     if not dry_run:
-        outcomes += _follow_lineages(plan, outcomes, snap, jobs, policy, proc_root, already)
+        outcomes += _follow_lineages(plan, outcomes, snap, jobs, policy, proc_root)
         outcomes = _after_adopt_failures(
             outcomes, plan, snap, jobs, policy, proc_root, failures, already
         )
@@ -206,7 +223,6 @@ def _follow_lineages(
     jobs: JobView,
     policy: Policy,
     proc_root: str,
-    already: int,
 ) -> list[Outcome]:
     """Kill the current members of each stray session or process group that a kill judged
     by lineage (Decision.lineage_group), until a pass finds none.
@@ -216,8 +232,8 @@ def _follow_lineages(
     only sessions led by a member. The group was judged a stray lineage of that uid in this
     snapshot, and the kernel does not reuse its id while it has members, so a process of the
     same real uid in it, started since the lineage began, descends from it. Each is re-read
-    and re-checked like any target (gone, uid changed, now in a job: left alone); the kills
-    stay within what is left of max_kills_per_sweep.
+    and re-checked like any target (gone, uid changed, now in a job: left alone). They are
+    of uids the plan already kills, so the brake (which counts uids) is not moved.
     """
     # (kind, id) -> uid -> (start of the lineage in ticks, a decision judged by it)
     groups: dict[tuple[str, int], dict[int, tuple[int, Decision]]] = {}
@@ -230,8 +246,6 @@ def _follow_lineages(
                 per_uid[d.proc.uid] = (ticks, d)
     if not groups:
         return []
-    planned = sum(1 for d in plan.actionable() if d.action is Action.KILL)
-    budget = policy.max_kills_per_sweep - already - planned
     acted = {k for o in done for k in (o.decision.proc.key, *o.signalled)}
     protected = protected_pids(proc_root)
     out: list[Outcome] = []
@@ -256,10 +270,8 @@ def _follow_lineages(
                 todo.append(replace(base, proc=fresh, reason=reason))
                 acted.add(key)
                 break
-        todo = todo[: max(budget, 0)]
         if not todo:
             break
-        budget -= len(todo)
         verified = []
         for d in todo:
             stop = reverify(d, jobs, proc_root)
@@ -288,10 +300,17 @@ def _act(
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
         if action is Action.KILL:
+            roots, desc = _merge_trees(roots, desc, by_pid)
             extra = _gone_leaders(roots, desc, by_pid, snap, protected_pids(proc_root))
-            outcomes += _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root, extra)
+
+            def run(rs, desc=desc, by_pid=by_pid, uid=uid, extra=extra):
+                return _kill(rs, desc, by_pid, uid, policy, dry_run, proc_root, extra)
         elif action is Action.ADOPT:
-            outcomes += _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root)
+            def run(rs, desc=desc, by_pid=by_pid, uid=uid, target=target):
+                return _adopt(rs, desc, by_pid, jobs, target, uid, dry_run, proc_root)
+        else:
+            continue
+        outcomes += _act_isolated(action, roots, desc, by_pid, run)
     return outcomes
 
 
@@ -331,15 +350,15 @@ def _after_adopt_failures(
     policy: Policy,
     proc_root: str,
     failures: AdoptFailures | None,
-    already: int,
+    already: Collection[int],
 ) -> list[Outcome]:
     """Apply actions.adopt_failure to each process whose adoption failed, once.
 
     Each failure is remembered (by pid and starttime) so no later sweep retries it: decide()
-    turns its adopt into the fallback. `kill` kills it now when that fits in the sweep's
-    kill budget (max_kills_per_sweep, less the planned kills and `already`, the event path's
-    kills since the last sweep), else it is left to the next sweep, where the brake judges
-    it like any kill. The adopt_failed record says which, with the kernel's error.
+    turns its adopt into the fallback. `kill` kills it now when that keeps the kills within
+    the brake (kill.brake.max_uids distinct uids with the planned kills and `already`, the
+    event path's since the last sweep), else it is left to the next sweep, where the brake
+    judges it like any kill. The adopt_failed record says which, with the kernel's error.
     """
     failed = [i for i, o in enumerate(outcomes)
               if o.decision.action is Action.ADOPT and o.result is Result.FAILED
@@ -347,9 +366,9 @@ def _after_adopt_failures(
     if not failed:
         return outcomes
     fb = policy.adopt_failure
-    planned = sum(1 for d in plan.actionable() if d.action is Action.KILL)
-    budget = policy.max_kills_per_sweep - already - planned
-    kill_now = fb is Action.KILL and len(failed) <= budget
+    uids = {d.proc.uid for d in plan.actionable() if d.action is Action.KILL} | set(already)
+    uids |= {outcomes[i].decision.proc.uid for i in failed}
+    kill_now = fb is Action.KILL and len(uids) <= policy.brake_max_uids
     out = list(outcomes)
     kills: list[Decision] = []
     for i in failed:
@@ -366,8 +385,8 @@ def _after_adopt_failures(
                                  reason=f"adoption into job {d.target_job} failed ({why}): "
                                  "adopt_failure kill"))  # fmt: skip
         else:
-            applied = (f"kill: deferred to the next sweep ({len(failed)} would exceed the "
-                       f"{max(budget, 0)} kills left of max_kills_per_sweep)")
+            applied = (f"kill: deferred to the next sweep (kills of {len(uids)} uids would "
+                       f"exceed kill.brake.max_uids={policy.brake_max_uids})")
         out[i] = replace(o, detail=f"{o.detail}; adopt_failure {applied}",
                          fields=(*o.fields, ("PRUNED_ADOPT_FAILURE", fb.value)))  # fmt: skip
     todo: list[Decision] = []
@@ -381,6 +400,54 @@ def _after_adopt_failures(
     return out
 
 
+INTERNAL_ERROR_FIELD = "PRUNED_INTERNAL_ERROR"  # on an outcome a bug cut short: not a survivor
+
+
+def internal_error_outcome(d: Decision, step: str, e: Exception) -> Outcome:
+    """The FAILED outcome of a decision an unexpected error (a bug) cut short: the process
+    is skipped and its record says what and why (the caller logs the error, once)."""
+    text = error_text(e)
+    return Outcome(d, Result.FAILED, f"internal error in {step}: {text}; skipped", (),
+                   ((INTERNAL_ERROR_FIELD, text),))  # fmt: skip
+
+
+def _act_isolated(action: Action, roots: Sequence[Proc], desc: dict[int, list[int]],
+                  by_pid: dict[int, Decision], run) -> list[Outcome]:
+    """run(roots) for one group; on an unexpected error each tree is tried alone (a tree
+    already acted on comes back gone), so one bad tree is skipped, never the group."""
+    try:
+        return run(roots)
+    except Exception as e:
+        if len(roots) > 1:
+            log.bug(f"{action.value} of {len(roots)} trees failed; acting on each alone", e)
+            return [o for r in roots for o in _act_isolated(action, [r], desc, by_pid, run)]
+        r = roots[0]
+        log.bug(f"{action.value} of pid {r.pid}'s tree failed, skipped", e)
+        return [internal_error_outcome(by_pid[p], action.value, e) for p in (r.pid, *desc[r.pid])]
+
+
+def _merge_trees(
+    roots: Sequence[Proc], desc: dict[int, list[int]], by_pid: dict[int, Decision]
+) -> tuple[list[Proc], dict[int, list[int]]]:
+    """One uid's kill trees as one per job they sit in (None: in none), rooted at the oldest.
+
+    A uid is one target: a fork bomb reparents most of its members to init, and killing
+    each as a tree of its own meant one quarantine and one /proc walk per member (minutes
+    for a few hundred). Trees of different jobs stay apart: the kill's re-walk leaves a late
+    member alone when it sits in a job cgroup its root is not in.
+    """
+    by_job: dict[str | None, list[Proc]] = {}
+    for r in roots:
+        by_job.setdefault(by_pid[r.pid].verdict.job_id, []).append(r)
+    out_roots: list[Proc] = []
+    out_desc: dict[int, list[int]] = {}
+    for rs in by_job.values():
+        top = min(rs, key=lambda p: (p.starttime, p.pid))
+        out_roots.append(top)
+        out_desc[top.pid] = [p for r in rs for p in (r.pid, *desc[r.pid]) if p != top.pid]
+    return out_roots, out_desc
+
+
 def _per_process(
     roots: Sequence[Proc],
     desc: dict[int, list[int]],
@@ -389,7 +456,13 @@ def _per_process(
 ) -> list[Outcome]:
     out: list[Outcome] = []
     for r in roots:
-        res, detail, touched, fields = result_of(r)
+        try:
+            res, detail, touched, fields = result_of(r)
+        except Exception as e:  # the action ran; its result could not be read: say so
+            log.bug(f"result of pid {r.pid}'s tree not read", e)
+            out += [internal_error_outcome(by_pid[p], "reading the result", e)
+                    for p in (r.pid, *desc[r.pid])]  # fmt: skip
+            continue
         for pid in (r.pid, *desc[r.pid]):
             d = by_pid[pid]
             out.append(Outcome(d, res(d.proc.key), detail, touched, fields))
@@ -438,14 +511,17 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root, extra=None) -> l
     final = []
     for r, res in zip(roots, results, strict=True):
         if not dry_run and res.survivors:
-            res = freeze_and_kill(
-                r.key,
-                list(res.survivors),
-                uid=uid,
-                dry_run=False,
-                cgroup_root=policy.slurm.cgroup_root,
-                proc_root=proc_root,
-            )
+            try:
+                res = freeze_and_kill(
+                    r.key,
+                    list(res.survivors),
+                    uid=uid,
+                    dry_run=False,
+                    cgroup_root=policy.slurm.cgroup_root,
+                    proc_root=proc_root,
+                )
+            except Exception as e:  # keep what the kill did: its survivors are recorded
+                log.bug(f"freeze and kill of pid {r.pid}'s survivors failed", e)
         final.append(res)
     by_root = {r.pid: res for r, res in zip(roots, final, strict=True)}
 
@@ -564,30 +640,49 @@ def run_sweep(
 
 
 def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
-    """One record per reported outcome, the brake and report-only warnings, one summary."""
+    """One record per reported outcome (one per uid for what the brake or report-only mode
+    held), the brake and report-only warnings, one summary."""
     obs, sid, dry = report.observation, report.sweep_id, report.dry_run
-    records = [
-        record_for_outcome(
-            o,
-            sid,
-            dry,
-            user_name(o.decision.proc.uid),
-            boot_time=obs.snap.boot_time,
-            clk_tck=obs.snap.clk_tck,
-            extra=dict(o.fields),
-        )
-        for o in report.outcomes
-    ]
-    for r in records:
-        sink.emit(r)
-    if obs.plan.brake:
-        sink.emit(event_record("brake_tripped", obs.plan.brake, sweep_id=sid,
-                               dry_run="yes" if dry else "no"))
+    single, held_groups = group_held(report.outcomes)
+    records: list[AuditRecord] = []
+    for o in single:
+        try:
+            r = record_for_outcome(
+                o,
+                sid,
+                dry,
+                user_name(o.decision.proc.uid),
+                boot_time=obs.snap.boot_time,
+                clk_tck=obs.snap.clk_tck,
+                extra=dict(o.fields),
+            )
+        except Exception as e:  # a bug in a builder: the deciding facts still go out
+            log.bug(f"audit record of pid {o.decision.proc.pid} not built in full", e)
+            r = outcome_fallback_record(o, sid, dry, e)
+        records.append(r)
+        _emit(sink, r)
+    for g in held_groups:
+        try:
+            rs = [held_record(g, sid, dry, user_name(g[0].decision.proc.uid),
+                              boot_time=obs.snap.boot_time, clk_tck=obs.snap.clk_tck)]
+        except Exception as e:
+            log.bug(f"held record of uid {g[0].decision.proc.uid} not built in full", e)
+            rs = [outcome_fallback_record(o, sid, dry, e) for o in g]
+        for r in rs:
+            records.append(r)
+            _emit(sink, r)
+    plan = obs.plan
+    if plan.brake:
+        _emit(sink, event_record("brake_tripped", plan.brake, sweep_id=sid,
+                                 dry_run="yes" if dry else "no",
+                                 uids=" ".join(map(str, plan.brake_uids)),
+                                 jobs=" ".join(plan.brake_jobs)))
     report_only = "; ".join(obs.plan.report_only) or None
     if report_only:
-        sink.emit(event_record("report_only", f"sweep {sid} is report-only: {report_only}",
-                               sweep_id=sid, reason=report_only))
-    sink.emit(
+        _emit(sink, event_record("report_only", f"sweep {sid} is report-only: {report_only}",
+                                 sweep_id=sid, reason=report_only))
+    _emit(
+        sink,
         summary_record(
             sid,
             dry_run=dry,
@@ -599,3 +694,11 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
         )
     )
 
+
+def _emit(sink: AuditSink, record: AuditRecord) -> None:
+    """One record out; a sink that raises (a bug: the journal sink falls back on its own)
+    costs that record, logged in full at error, never the records after it."""
+    try:
+        sink.emit(record)
+    except Exception as e:
+        log.bug(f"audit record {record.event} not written: {record.message}", e)

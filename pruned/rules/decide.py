@@ -148,25 +148,39 @@ def decide(
     return apply_brake(SweepPlan(tuple(out), report_only, None), policy)
 
 
-def apply_brake(plan: SweepPlan, policy: Policy, already: int = 0) -> SweepPlan:
-    """The mass-kill brake: more kills than max_kills_per_sweep means none at all.
+def _listed(items: Sequence[object], limit: int = 10) -> str:
+    """"a, b, c" or "a, b, c and 7 more": names for a one-line message."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
-    `already`: kills spent since the last full sweep (the event path acts in small batches,
-    which together must stay within the same budget as one sweep).
+
+def apply_brake(plan: SweepPlan, policy: Policy, already: Collection[int] = ()) -> SweepPlan:
+    """The mass-kill brake: kills of more than brake_max_uids distinct uids mean none at all.
+
+    It stops a blind job source, which makes every user with a process a stray at once, so it
+    counts users, not processes: all of one uid's kills (a fork bomb of 400, or 60 old strays)
+    are one target, and one user's strays can never hold the brake for another's.
+    `already`: uids the event path killed since the last full sweep; its small batches
+    together stay within the budget of one sweep.
     """
     kills = [d for d in plan.decisions if d.action is Action.KILL and d.held is None]
-    if already + len(kills) <= policy.max_kills_per_sweep:
+    uids = sorted({d.proc.uid for d in kills} | set(already))
+    if not kills or len(uids) <= policy.brake_max_uids:
         return plan
-    since = f" (+{already} since the last sweep)" if already else ""
+    jobs = sorted({d.verdict.job_id for d in kills if d.verdict.job_id is not None})
+    earlier = sorted(set(already))
+    since = f"; {_listed(earlier)} since the last full sweep" if earlier else ""
+    in_jobs = f", in jobs {_listed(jobs)}" if jobs else ""
     brake = (
-        f"mass-kill brake: {len(kills)} kills{since} exceed "
-        f"max_kills_per_sweep={policy.max_kills_per_sweep}; nothing was killed"
+        f"mass-kill brake: kills of {len(uids)} uids ({_listed(uids)}{since}){in_jobs} "
+        f"exceed kill.brake.max_uids={policy.brake_max_uids}; nothing was killed"
     )
     decisions = tuple(
         held(d, brake, HeldBy.BRAKE) if d.action is Action.KILL and d.held is None else d
         for d in plan.decisions
     )
-    return SweepPlan(decisions, plan.report_only, brake)
+    return replace(plan, decisions=decisions, brake=brake, brake_uids=tuple(uids),
+                   brake_jobs=tuple(jobs))
 
 
 def recheck(
