@@ -33,12 +33,14 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from pruned import __version__, log
+from pruned.act.adopt import AdoptFailures
 from pruned.act.audit import AuditSink, event_record, make_sink
 from pruned.act.metrics import MetricsState, SweepMetrics
 from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
+from pruned.lineage import LineageMemory
 from pruned.linux import connector as events
 from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
@@ -139,6 +141,9 @@ class Daemon:
         self.watcher: events.EventWatcher | None = None
         self.reactor: Reactor | None = None
         self.events_note = ""
+        # Kept across sweeps and shared with the event path (pruned.lineage, act.adopt).
+        self.lineage = LineageMemory()
+        self.adopt_failures = AdoptFailures()
 
     # ------------------------------------------------------------ jobs
 
@@ -175,7 +180,8 @@ class Daemon:
         policy, facts, sink = self.context()
         try:
             with self.act_lock:
-                report = run_sweep(policy, facts, sink, uids=self.uids)
+                report = run_sweep(policy, facts, sink, uids=self.uids, lineage=self.lineage,
+                                   adopt_failures=self.adopt_failures)
         except Exception:
             self.metrics.sweep_failed("process")
             self.write_metrics()
@@ -268,8 +274,10 @@ class Daemon:
                                         reason=why))
             return
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
-                               on_report=self.on_event_report).start()
-        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost).start()
+                               on_report=self.on_event_report, lineage=self.lineage,
+                               adopt_failures=self.adopt_failures).start()
+        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost,
+                                           parents=True).start()  # fmt: skip
         self.events_note = "events on"
 
     def stop_events(self) -> None:

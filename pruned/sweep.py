@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from pruned import log
-from pruned.act.adopt import adopt
+from pruned.act.adopt import AdoptFailures, adopt, failure_reason
 from pruned.act.audit import (
     AuditRecord,
     AuditSink,
@@ -37,6 +37,7 @@ from pruned.jobs.slurm import SlurmCgroupSource
 from pruned.jobs.slurmpath import slurm_lines, unknown_lines
 from pruned.jobs.source import JobSource, read_jobs
 from pruned.jobs.statedir import StateDirSource
+from pruned.lineage import LineageMemory
 from pruned.linux import exeid, procfs
 from pruned.linux.users import user_name
 from pruned.model import (
@@ -56,6 +57,7 @@ from pruned.model import (
 from pruned.policy.facts import NodeFacts
 from pruned.rules.classify import classify
 from pruned.rules.decide import decide, recheck
+from pruned.rules.lineage import trace
 
 
 def make_sources(policy: Policy) -> list[JobSource]:
@@ -101,14 +103,29 @@ def observe(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    lineage: LineageMemory | None = None,
+    adopt_failures: AdoptFailures | None = None,
 ) -> Observation:
-    """Read the node and decide, without acting: what scan, explain and every sweep start with."""
+    """Read the node and decide, without acting: what scan, explain and every sweep start with.
+
+    `lineage`: the daemon's memory of stray lineages (without it, only what this snapshot
+    shows: a stray parent, a session with an older stray); `adopt_failures`: processes whose
+    adoption was refused before (not retried).
+    """
     known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
     exes = known_exes(policy)
     snap = pin_host_exes(procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe)), exes,
                          proc_root)  # fmt: skip
     jobs = read_jobs(make_sources(policy) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
+    if lineage is not None:
+        marks = lineage.observe(snap, verdicts, full=True)
+    else:
+        marks = trace(snap, verdicts, {}, {})[0]
+    failed = None
+    if adopt_failures is not None:
+        adopt_failures.prune({p.key for p in snap.procs.values()})
+        failed = adopt_failures.view()
     plan = decide(
         snap,
         verdicts,
@@ -117,6 +134,8 @@ def observe(
         protected=protected_pids(proc_root),
         uids=uids,
         exes=exes,
+        lineage=marks,
+        adopt_failed=failed,
     )
     return Observation(snap, jobs, verdicts, plan, exes)
 
@@ -162,10 +181,14 @@ def execute(
     dry_run: bool,
     proc_root: str = "/proc",
     allow_jobs: Collection[str] = (),
+    failures: AdoptFailures | None = None,
+    already: Collection[int] = (),
 ) -> list[Outcome]:
     """Carry out the plan: one Outcome per reported decision, acted or not.
 
     `allow_jobs`: the epilog's own job (id and SLUID), whose cgroup members it may kill.
+    `failures`: the memory of refused adoptions (actions.adopt_failure is applied once);
+    `already`: uids the event path killed since the last full sweep (the brake's count).
     """
     outcomes: list[Outcome] = []
     todo: list[Decision] = []
@@ -184,7 +207,91 @@ def execute(
             continue
         todo.append(d)
 
-    # Group by (action, target job): a tree is acted on as one, rooted at its topmost member.
+    outcomes += _act(todo, snap, jobs, policy, dry_run, proc_root)
+    if not dry_run:
+        outcomes += _follow_lineages(plan, outcomes, snap, jobs, policy, proc_root)
+        outcomes = _after_adopt_failures(
+            outcomes, plan, snap, jobs, policy, proc_root, failures, already
+        )
+    return outcomes
+
+
+def _follow_lineages(
+    plan: SweepPlan,
+    done: Sequence[Outcome],
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    proc_root: str,
+) -> list[Outcome]:
+    """Kill the current members of each stray session or process group that a kill judged
+    by lineage (Decision.lineage_group), until a pass finds none.
+
+    A re-forker's generation may have exited between the snapshot and the kill, and its
+    child, reparented, is no descendant of anything killed: the re-walk of act/tree follows
+    only sessions led by a member. The group was judged a stray lineage of that uid in this
+    snapshot, and the kernel does not reuse its id while it has members, so a process of the
+    same real uid in it, started since the lineage began, descends from it. Each is re-read
+    and re-checked like any target (gone, uid changed, now in a job: left alone). They are
+    of uids the plan already kills, so the brake (which counts uids) is not moved.
+    """
+    # (kind, id) -> uid -> (start of the lineage in ticks, a decision judged by it)
+    groups: dict[tuple[str, int], dict[int, tuple[int, Decision]]] = {}
+    for d in plan.actionable():
+        if d.action is Action.KILL and d.lineage_group is not None:
+            kind, gid, since = d.lineage_group
+            ticks = int((since - snap.boot_time) * snap.clk_tck) - 1
+            per_uid = groups.setdefault((kind, gid), {})
+            if d.proc.uid not in per_uid or ticks < per_uid[d.proc.uid][0]:
+                per_uid[d.proc.uid] = (ticks, d)
+    if not groups:
+        return []
+    acted = {k for o in done for k in (o.decision.proc.key, *o.signalled)}
+    protected = protected_pids(proc_root)
+    out: list[Outcome] = []
+    for _ in range(3):
+        todo: list[Decision] = []
+        for pid, st in procfs.read_stats(proc_root).items():
+            key = ProcKey(pid, st.starttime)
+            if key in acted or pid in protected or st.zombie or st.kthread:
+                continue
+            for kind, gid in (("session", st.session), ("pgroup", st.pgrp)):
+                per_uid = groups.get((kind, gid))
+                if per_uid is None:
+                    continue
+                fresh = procfs.read_proc(pid, proc_root)
+                hit = per_uid.get(fresh.uid) if fresh is not None else None
+                if hit is None or fresh is None or fresh.starttime != st.starttime \
+                        or st.starttime < hit[0]:
+                    continue
+                base = hit[1]
+                reason = (f"{base.reason}; found in that {kind} {gid} when its member "
+                          f"{base.proc.pid} was killed")  # fmt: skip
+                todo.append(replace(base, proc=fresh, reason=reason))
+                acted.add(key)
+                break
+        if not todo:
+            break
+        verified = []
+        for d in todo:
+            stop = reverify(d, jobs, proc_root)
+            if stop is not None:
+                out.append(Outcome(d, stop[0], stop[1]))
+            else:
+                verified.append(d)
+        new = _act(verified, snap, jobs, policy, False, proc_root)
+        acted |= {k for o in new for k in o.signalled}
+        out += new
+    return out
+
+
+def _act(
+    todo: Sequence[Decision], snap: Snapshot, jobs: JobView, policy: Policy, dry_run: bool,
+    proc_root: str,
+) -> list[Outcome]:  # fmt: skip
+    """Act on verified decisions, grouped by (action, target job, uid): a tree is acted on
+    as one, rooted at its topmost member."""
+    outcomes: list[Outcome] = []
     groups: dict[tuple[Action, str | None, int], list[Decision]] = {}
     for d in todo:
         groups.setdefault((d.action, d.target_job, d.proc.uid), []).append(d)
@@ -194,9 +301,10 @@ def execute(
         desc = _descendants(roots, snap, set(by_pid))
         if action is Action.KILL:
             roots, desc = _merge_trees(roots, desc, by_pid)
+            extra = _gone_leaders(roots, desc, by_pid, snap, protected_pids(proc_root))
 
-            def run(rs, desc=desc, by_pid=by_pid, uid=uid):
-                return _kill(rs, desc, by_pid, uid, policy, dry_run, proc_root)
+            def run(rs, desc=desc, by_pid=by_pid, uid=uid, extra=extra):
+                return _kill(rs, desc, by_pid, uid, policy, dry_run, proc_root, extra)
         elif action is Action.ADOPT:
             def run(rs, desc=desc, by_pid=by_pid, uid=uid, target=target):
                 return _adopt(rs, desc, by_pid, jobs, target, uid, dry_run, proc_root)
@@ -204,6 +312,92 @@ def execute(
             continue
         outcomes += _act_isolated(action, roots, desc, by_pid, run)
     return outcomes
+
+
+def _gone_leaders(
+    roots: Sequence[Proc],
+    desc: dict[int, list[int]],
+    by_pid: dict[int, Decision],
+    snap: Snapshot,
+    protected: frozenset[int],
+) -> dict[int, list[ProcKey]]:
+    """root pid -> the gone leaders of the stray groups its members were judged by.
+
+    Handed to the kill as members that are already gone, they make its re-walk (act/tree:
+    a session or process group whose leader is gone is followed for the tree's own uid,
+    for processes started after the leader) take in, stop and kill whatever the group holds
+    now: the re-forker's next generation, reparented before the first signal. The start
+    given is that of the lineage, which the leader's cannot be later than.
+    """
+    out: dict[int, list[ProcKey]] = {}
+    for r in roots:
+        for pid in (r.pid, *desc[r.pid]):
+            g = by_pid[pid].lineage_group
+            if g is None or g[1] in snap.procs or g[1] in protected:
+                continue
+            ticks = max(0, int((g[2] - snap.boot_time) * snap.clk_tck) - 1)
+            key = ProcKey(g[1], ticks)
+            if key not in out.get(r.pid, ()):
+                out.setdefault(r.pid, []).append(key)
+    return out
+
+
+def _after_adopt_failures(
+    outcomes: list[Outcome],
+    plan: SweepPlan,
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    proc_root: str,
+    failures: AdoptFailures | None,
+    already: Collection[int],
+) -> list[Outcome]:
+    """Apply actions.adopt_failure to each process whose adoption failed, once.
+
+    Each failure is remembered (by pid and starttime) so no later sweep retries it: decide()
+    turns its adopt into the fallback. `kill` kills it now when that keeps the kills within
+    the brake (kill.brake.max_uids distinct uids with the planned kills and `already`, the
+    event path's since the last sweep), else it is left to the next sweep, where the brake
+    judges it like any kill. The adopt_failed record says which, with the kernel's error.
+    """
+    failed = [i for i, o in enumerate(outcomes)
+              if o.decision.action is Action.ADOPT and o.result is Result.FAILED
+              and not o.detail.startswith("refused:")]  # fmt: skip
+    if not failed:
+        return outcomes
+    fb = policy.adopt_failure
+    uids = {d.proc.uid for d in plan.actionable() if d.action is Action.KILL} | set(already)
+    uids |= {outcomes[i].decision.proc.uid for i in failed}
+    kill_now = fb is Action.KILL and len(uids) <= policy.brake_max_uids
+    out = list(outcomes)
+    kills: list[Decision] = []
+    for i in failed:
+        o = out[i]
+        d = o.decision
+        why = dict(o.fields).get("PRUNED_ADOPT_ERROR") or o.detail
+        if failures is not None:
+            failures.remember(d.proc.key, why)
+        if fb is Action.IGNORE:
+            applied = "ignore: left alone, adoption not retried"
+        elif kill_now:
+            applied = "kill: killed now"
+            kills.append(replace(d, action=Action.KILL, target_job=None,
+                                 reason=f"adoption into job {d.target_job} failed ({why}): "
+                                 "adopt_failure kill"))  # fmt: skip
+        else:
+            applied = (f"kill: deferred to the next sweep (kills of {len(uids)} uids would "
+                       f"exceed kill.brake.max_uids={policy.brake_max_uids})")
+        out[i] = replace(o, detail=f"{o.detail}; adopt_failure {applied}",
+                         fields=(*o.fields, ("PRUNED_ADOPT_FAILURE", fb.value)))  # fmt: skip
+    todo: list[Decision] = []
+    for d in kills:
+        stop = reverify(d, jobs, proc_root)
+        if stop is not None:
+            out.append(Outcome(d, stop[0], stop[1]))
+        else:
+            todo.append(d)
+    out += _act(todo, snap, jobs, policy, False, proc_root)
+    return out
 
 
 INTERNAL_ERROR_FIELD = "PRUNED_INTERNAL_ERROR"  # on an outcome a bug cut short: not a survivor
@@ -300,8 +494,10 @@ def _classifier(
     return res_of
 
 
-def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
-    trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
+def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root, extra=None) -> list[Outcome]:
+    extra = extra or {}
+    trees = [(r.key, [*(by_pid[p].proc.key for p in desc[r.pid]), *extra.get(r.pid, ())])
+             for r in roots]  # fmt: skip
     try:
         # Each tree is contained in a quarantine cgroup before its first SIGTERM: what it
         # forks while it handles the signal cannot get away (pruned.act.contain).
@@ -360,6 +556,8 @@ def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[O
             return (lambda _k: Result.FAILED), f"refused: {res}", (), ()
         res_of = _classifier(dry_run, res.ok, failed=res.failed, done=res.moved, gone=res.gone)
         fields = tuple(res.audit_fields().items())
+        if res.failed:  # the kernel's refusal, for the adopt_failure memory and the record
+            fields += (("PRUNED_ADOPT_ERROR", failure_reason(res, res.failed[0])),)
         return res_of, res.describe(), tuple(res.moved or res.would), fields
 
     return _per_process(roots, desc, by_pid, result_of)
@@ -420,14 +618,22 @@ def run_sweep(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    lineage: LineageMemory | None = None,
+    adopt_failures: AdoptFailures | None = None,
 ) -> SweepReport:
-    """Observe, decide, act (or would), and write one audit record per decision + a summary."""
+    """Observe, decide, act (or would), and write one audit record per decision + a summary.
+
+    `lineage`, `adopt_failures`: memories kept across sweeps (the daemon's, shared with its
+    event path); without them each sweep knows only what it sees.
+    """
     dry = policy.dry_run if dry_run is None else dry_run
     t0 = time.monotonic()
     started = time.time()
     sweep_id = new_sweep_id()
-    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root)
-    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root)
+    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root,
+                  lineage=lineage, adopt_failures=adopt_failures)  # fmt: skip
+    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root,
+                       failures=adopt_failures)  # fmt: skip
     report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
     audit_sweep(report, sink)
     return report
