@@ -1,4 +1,4 @@
-"""Command line: scan, explain, check-config, sweep, clean, run, prolog, epilog.
+"""Command line: scan, explain, check-config, doctor, sweep, clean, run, prolog, epilog.
 
 Every command turns bad input into one line on stderr and a documented exit code
 (pruned.exitcodes); a traceback is a bug, shown only with PRUNED_DEBUG=1.
@@ -56,8 +56,9 @@ def _action_text(d: Decision) -> str:
 
 
 def decision_json(d: Decision, snap) -> dict:
+    """One scan row as JSON values; names and paths escaped as in the audit (pruned.text)."""
     p, v = d.proc, d.verdict
-    return {
+    row = {
         "pid": p.pid,
         "starttime": p.starttime,
         "ppid": p.ppid,
@@ -73,9 +74,10 @@ def decision_json(d: Decision, snap) -> dict:
         "held": d.held,
         "job": v.job_id,
         "reason": v.reason if d.action is Action.IGNORE else f"{v.reason}; {d.reason}",
-        "evidence": list(v.evidence),
+        "evidence": [text.printable(e) for e in v.evidence],
         "age": round(snap.age(p), 1),
     }
+    return {k: text.printable(x) if isinstance(x, str) else x for k, x in row.items()}
 
 
 def _print_notes(obs) -> None:
@@ -107,11 +109,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
             reason = v.reason if d.action is Action.IGNORE else f"{v.reason}; {d.reason}"
             if d.held:
                 reason += f" [held: {d.held}]"
-            print(
+            print(text.printable(
                 f"{p.pid:>7} {p.ppid:>7} {user_label(p.uid)[:12]:<12} {v.cls.value:<11} "
                 f"{_action_text(d)[:12]:<12} {(v.job_id or '-')[:8]:<8} {p.comm[:16]:<16} "
                 f"{reason}"
-            )
+            ))  # a comm or path may hold control characters: never raw to a terminal
         mode = "report (dry-run)" if policy.dry_run else "enforce"
         counts = ", ".join(
             f"{n} {c}"
@@ -182,7 +184,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         out.append(f"held: {d.held}")
     mode = "dry-run (policy mode report)" if policy.dry_run else "enforce"
     out.append(f"policy: {', '.join(policy.sources)} ({mode})")
-    print("\n".join(out))
+    print("\n".join(text.printable(line) for line in out))  # no raw control characters
     return EX_OK
 
 
@@ -221,11 +223,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     dry = True if args.dry_run else None
     if dry is None and not policy.dry_run:
         _need_root("an enforcing sweep")
+    from pruned.act.adopt import AdoptFailures
+    from pruned.lineage import LineageMemory
+
     sink = _sink(policy)
     uids = set(args.uids) if args.uids else None
+    # Without --once, one memory for the whole loop, as the daemon keeps it.
+    lineage, failures = LineageMemory(), AdoptFailures()
 
     def once() -> int:
-        report = run_sweep(policy, resolve_facts(policy), sink, dry_run=dry, uids=uids)
+        report = run_sweep(policy, resolve_facts(policy), sink, dry_run=dry, uids=uids,
+                           lineage=lineage, adopt_failures=failures)
         for o in report.outcomes:
             d = o.decision
             print(f"{o.result.value:<7} {d.action.value:<6} pid {d.proc.pid} "
@@ -302,6 +310,14 @@ def cmd_epilog(args: argparse.Namespace) -> int:
                           dry_run=args.dry_run, need_root=_need_root)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pruned.doctor import cmd_doctor
+
+    if not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root}: not a directory")
+    return cmd_doctor(args)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -355,6 +371,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "message), with --print the values")
     sp.set_defaults(fn=cmd_check_config)
 
+    sp = sub.add_parser(
+        "doctor",
+        help="check the node settings that let processes escape jobs or leave pruned blind",
+        description="Check the node's settings (sshd's PAM stack, linger, slurm.conf, "
+        "job_container.conf, cgroup.conf, the cgroup tree, daemon paths, journald) against the "
+        "policy: one line per finding, `LEVEL check: what — fix: how`. Exit 0 without errors, "
+        "1 with one (--strict: or a warning): an NHC check (check_pruned). Reads only.",
+    )
+    policy_opt(sp)
+    sp.add_argument("--root", default="/", metavar="DIR",
+                    help="read the node's files under DIR (a prefix for /etc, /var, /run, "
+                    "/sys, /proc; default /)")
+    sp.add_argument("--slurm-conf", metavar="PATH",
+                    help="slurm.conf, under --root (default: $SLURM_CONF, else "
+                    "/etc/slurm/slurm.conf); cgroup.conf and job_container.conf beside it")
+    sp.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
+    sp.add_argument("--quiet", action="store_true",
+                    help="print only the findings that fail the check, no summary")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON object: ok, root, findings (level, check, what, fix)")
+    sp.set_defaults(fn=_doctor)
+
     sp = sub.add_parser("sweep", help="apply the policy to every process")
     policy_opt(sp)
     sp.add_argument("--once", action="store_true", help="one sweep, then exit")
@@ -406,6 +444,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=text.ERRORS)
+    # ... and a control character in one (ESC, CR, a newline in a comm) as \xNN, not raw
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = text.EscapingWriter(sys.stdout), text.EscapingWriter(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage, with argparse's one-line message
     try:

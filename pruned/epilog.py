@@ -25,12 +25,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pruned.act.audit import AuditSink, event_record, make_sink
+from pruned import log
+from pruned.act.audit import AuditSink, error_text, event_record, make_sink
 from pruned.act.guard import protected_pids
-from pruned.act.remove import execute_cleanup
 from pruned.bounded import Abandoned, ChildError, run_bounded
 from pruned.exitcodes import EX_FAILED, EX_OK
-from pruned.filesweep import file_outcome_record
+from pruned.filesweep import emit_file_record, execute_isolated
 from pruned.jobs.history import JobHistory, JobRecord
 from pruned.jobs.slurmpath import is_sluid
 from pruned.jobs.statedir import end_job_record, write_job_record
@@ -49,14 +49,39 @@ from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.rules import cleanplan as cleanup
 from pruned.rules.decide import apply_brake
 from pruned.rules.epilog import epilog_targets, job_ids_in_environ
-from pruned.sweep import SweepReport, audit_sweep, execute, new_sweep_id, observe
+from pruned.sweep import (
+    INTERNAL_ERROR_FIELD,
+    SweepReport,
+    audit_sweep,
+    execute,
+    new_sweep_id,
+    observe,
+)
+from pruned.text import printable
 
 EPILOG_SLACK = 30.0  # seconds beyond the kill grace before the epilog gives up (bounded time)
 
 
-def read_env_jobs(pid: int, proc_root: str = "/proc") -> set[str]:
-    """The job ids a process's environment names (root can read any /proc/PID/environ)."""
-    return job_ids_in_environ(procfs.read_environ(pid, proc_root))
+def read_env_jobs(
+    pid: int, proc_root: str = "/proc", unreadable: list[str] | None = None
+) -> set[str]:
+    """The job ids a process's environment names (root can read any /proc/PID/environ).
+
+    A read that times out (procfs.read_mm_file: the process holds its mmap lock in D state)
+    or fails names no job, so the environment hint does not kill that process; why is
+    appended to `unreadable`.
+    """
+    try:
+        data = procfs.read_mm_file(pid, "environ", proc_root, limit=procfs.ENVIRON_READ)
+    except procfs.ReadTimedOut:
+        why = f"environ of pid {pid} unreadable: timed out"
+    except OSError as e:
+        why = f"environ of pid {pid} unreadable: {e.strerror or e}"
+    else:
+        return job_ids_in_environ(data or b"")
+    if unreadable is not None:
+        unreadable.append(why)
+    return set()
 
 
 class EpilogTimeout(BaseException):
@@ -71,7 +96,10 @@ def _alarm(_signo, _frame) -> None:
 def survivors(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """The kills that failed: processes still alive after SIGKILL (and the freeze path), or
     whose signal was refused. Pure."""
-    return [o for o in outcomes if o.decision.action is Action.KILL and o.result is Result.FAILED]
+    # A kill a bug cut short (INTERNAL_ERROR_FIELD) is not known to have survived: it is
+    # recorded (internal error, skipped) and, like any other internal error, exits 0.
+    return [o for o in outcomes if o.decision.action is Action.KILL and o.result is Result.FAILED
+            and INTERNAL_ERROR_FIELD not in dict(o.fields)]
 
 
 def epilog_exit(outcomes: Sequence[Outcome], policy: Policy) -> int:
@@ -144,38 +172,44 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
     # Slurm 26.05 names the job's cgroups by its SLUID and tells the epilog both names.
     sluid = os.environ.get("SLURM_JOB_SLUID", "")
     own = (job_id, sluid) if is_sluid(sluid) else (job_id,)
+    unreadable: list[str] = []
     decisions, _last, why = epilog_targets(
         obs,
         policy,
         job_id,
         uid,
-        env_jobs=lambda pid: read_env_jobs(pid, proc_root),
+        env_jobs=lambda pid: read_env_jobs(pid, proc_root, unreadable),
         protected=protected_pids(proc_root),
         aliases=own[1:],
     )
-    # The same brake as a sweep: an epilog that wants to kill more than max_kills_per_sweep
-    # processes is more likely looking at a wrong job view than at one job's leftovers.
+    # The same brake as a sweep. epilog_targets only ever names the job's own uid, which is
+    # one target however many processes it left: this holds only if that ever changed.
+    # (The epilog is its own process: it cannot share the daemon's budget, nor need to.)
     plan = apply_brake(SweepPlan(tuple(decisions)), policy)
     outcomes = execute(
         plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_jobs=own
     )
     report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, obs, outcomes)
-    audit_sweep(report, sink)
+    audit_sweep(report, sink)  # what was killed is on record before anything else can fail
+    for line in unreadable:
+        log.warning(f"epilog of job {job_id}: {line}; not killed on the environment hint")
+        print_fn(printable(f"pruned epilog: {line}; not killed on the environment hint"))
     for o in outcomes:
         d = o.decision
-        print_fn(f"{o.result.value:<7} kill pid {d.proc.pid} ({d.proc.comm}): {d.reason}: "
-                 f"{o.detail}")
+        print_fn(printable(f"{o.result.value:<7} kill pid {d.proc.pid} ({d.proc.comm}): "
+                           f"{d.reason}: {o.detail}"))
 
     # The job has ended: remember it, then remove its per-job directories.
     record = JobRecord(job_id, uid, now, now, user, "epilog")
     if not dry_run:
-        history = JobHistory.load(policy.state_dir)
-        prior = history.get(job_id)
-        history.mark_ended(job_id, uid, now, start=prior.start if prior else None)
-        history.save()
-        end_job_record(policy.state_dir, job_id, now, uid=uid)
-        prior = history.get(job_id)
-        record = prior or record
+        try:
+            record = _mark_ended(policy, job_id, uid, now) or record
+        except Exception as e:  # its directories still go; the daemon's sweeps learn the end
+            log.bug(f"epilog of job {job_id}: recording the job ended failed", e)
+            _emit(sink, event_record(
+                "internal_error", f"epilog of job {job_id}: recording the job ended failed: "
+                f"{error_text(e)}; its directories are still removed", job_id=job_id, uid=uid,
+                reason=error_text(e), sweep_id=sweep_id))  # fmt: skip
     others = [j for j in obs.jobs.running() if j.job_id != job_id]
     nodes = container_nodes(policy.cleanup.job_container_base or "/nonexistent")
     fplan = cleanup.plan_cleanup(
@@ -196,13 +230,15 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         min_age=fplan.min_age,
         max_listed=fplan.max_listed,
     )
-    fouts = execute_cleanup(dir_plan, dry_run)
-    for fo in fouts:
+
+    def audit(fo) -> None:  # each directory's record as soon as it is done
         if fo.result is not Result.GONE:
-            sink.emit(file_outcome_record(fo, sweep_id, dry_run, "cleanup.job_dir",
-                                          f"job {job_id} ended (epilog)"))
-            print_fn(f"{fo.result.value:<7} remove {fo.path}: {fo.files} files, {fo.bytes} bytes"
-                     + (f"; {fo.detail}" if fo.detail else ""))
+            emit_file_record(sink, fo, sweep_id, dry_run, "cleanup.job_dir",
+                             f"job {job_id} ended (epilog)")
+            print_fn(printable(f"{fo.result.value:<7} remove {fo.path}: {fo.files} files, "
+                               f"{fo.bytes} bytes" + (f"; {fo.detail}" if fo.detail else "")))
+
+    fouts = execute_isolated(dir_plan, dry_run, audit)
     failed = survivors(outcomes)
     ffailed = [fo for fo in fouts if fo.result is Result.FAILED]
     print_fn(f"pruned epilog: job {job_id} uid {uid}: {why}; {len(outcomes)} processes, "
@@ -219,6 +255,16 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         print_fn(f"pruned epilog: job {job_id}: {len(failed)} processes survived SIGKILL; "
                  f"{verdict}")
     return code
+
+
+def _mark_ended(policy: Policy, job_id: str, uid: int, now: float) -> JobRecord | None:
+    """Record job_id as ended in the history and its state-dir record; the history's record."""
+    history = JobHistory.load(policy.state_dir)
+    prior = history.get(job_id)
+    history.mark_ended(job_id, uid, now, start=prior.start if prior else None)
+    history.save()
+    end_job_record(policy.state_dir, job_id, now, uid=uid)
+    return history.get(job_id)
 
 
 def run_prolog(policy: Policy, job_id: str, uid: int, user: str | None) -> int:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from enum import IntEnum
+
+from pruned.text import printable
 
 IDENTIFIER = "pruned"
 
@@ -46,14 +49,16 @@ def _journal_send(message: str, priority: Priority) -> bool:
         return False
     try:
         journal.send(message, PRIORITY=str(int(priority)), SYSLOG_IDENTIFIER=IDENTIFIER)
-    except OSError:
+    except Exception:  # OSError, or a value the binding will not take: stderr gets it
         return False
     return True
 
 
 def emit(priority: Priority, message: str) -> None:
     """Say one line, to journald under systemd and to stderr otherwise."""
-    line = message.replace("\n", " ")
+    # A message may quote a comm, a path or an exception about one: bytes that are not UTF-8
+    # and control characters are shown as \xNN (pruned.text), so no encoder fails on it.
+    line = printable(message.replace("\n", " "))
     if _stderr_is_journal() and _journal_send(line, priority):
         return
     with contextlib.suppress(OSError, ValueError):  # stderr closed: nothing left to tell
@@ -63,6 +68,16 @@ def emit(priority: Priority, message: str) -> None:
 def error(message: str) -> None:
     """Something failed that an admin must look at."""
     emit(Priority.ERR, message)
+
+
+def bug(what: str, e: BaseException) -> None:
+    """An unexpected exception pruned caught to carry on: error, with where it came from (the
+    innermost frames of its traceback), so a programming error stays visible."""
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)
+    )
+    error(f"{what}: {type(e).__name__}: {e}" + (f" (at {where})" if where else ""))
 
 
 def warning(message: str) -> None:

@@ -38,7 +38,7 @@ class HeldBy(StrEnum):
     YOUNG = "young"  # younger than min_age: judged later
     SCOPE = "scope"  # outside this run's --uid scope
     REPORT_ONLY = "report_only"  # the job source is in doubt, or the event path is held
-    BRAKE = "brake"  # the mass-kill brake tripped
+    BRAKE = "brake"  # the mass-kill brake tripped: more uids would be killed than it allows
 
 
 class Result(StrEnum):
@@ -235,6 +235,10 @@ class Decision:
     target_job: str | None = None  # the job to adopt into
     held: str | None = None  # why the action is held back, as a sentence
     held_by: HeldBy | None = None  # which guard held it
+    # A young stray judged by the lineage of its session or process group: (kind
+    # "session"/"pgroup", id, epoch since when it is stray). Acting follows the group's
+    # current members of the same uid, so a re-forker's next generation cannot slip by.
+    lineage_group: tuple[str, int, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +246,8 @@ class SweepPlan:
     decisions: tuple[Decision, ...]  # one per process of the snapshot, pid order
     report_only: tuple[str, ...] = ()  # why nothing may act this sweep (job source problems)
     brake: str | None = None  # set when the mass-kill brake tripped
+    brake_uids: tuple[int, ...] = ()  # the uids the tripped brake would have killed
+    brake_jobs: tuple[str, ...] = ()  # the jobs those kills name, if any
 
     def actionable(self) -> list[Decision]:
         """Decisions that act (or would, in dry-run): not ignore, not held."""
@@ -348,14 +354,24 @@ class Policy:
     dry_run: bool = True
     stray_action: Action = Action.KILL
     adopt_fallback: Action = Action.KILL
+    # Adoption was attempted and the kernel refused it (cgroup.procs EBUSY/ENOSPC/ENOENT...):
+    # ignore (like pam_slurm_adopt's action_adopt_failure=allow) or kill; applied once.
+    adopt_failure: Action = Action.IGNORE
     kill_grace: float = 10.0
-    max_kills_per_sweep: int = 50
+    # The mass-kill brake: kills of more distinct uids than this in one sweep (and, for the
+    # event path, since the last full sweep) mean none at all (pruned.rules.decide.apply_brake).
+    brake_max_uids: int = 3
     # The epilog exits 1 (Slurm drains the node) when a process survived SIGKILL; false: 0.
     epilog_drain_on_survivor: bool = True
     min_age: float = 10.0
     job_sources: tuple[str, ...] = ("slurm",)
     slurm: SlurmSource = field(default_factory=SlurmSource)
     state_dir: str = "/var/lib/pruned"
+    # A job's cgroup with no slurmstepd stays "running" this long (the pause between two steps
+    # without PrologFlags=contain) before the history ends it.
+    idle_grace: float = 600.0
+    # Ended jobs are forgotten (history and state-dir records) this long after their end.
+    keep_ended: float = 7 * 86400.0
     batch_daemons: tuple[str, ...] = (
         "/usr/sbin/slurmstepd",
         "/usr/sbin/pbs_mom",

@@ -38,16 +38,19 @@ import time
 from collections import Counter
 from collections.abc import Collection
 
-from pruned import log
+from pruned import __version__, log
+from pruned.act.adopt import AdoptFailures
 from pruned.act.audit import AuditSink, event_record, make_sink
 from pruned.act.contain import remove_stale_quarantines
 from pruned.act.kill import Survivors
-from pruned.act.metrics import SweepMetrics, render
+from pruned.act.metrics import MetricsState, SweepMetrics
 from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
+from pruned.lineage import LineageMemory
 from pruned.linux import connector as events
+from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
 from pruned.linux.blocked import Blocked, blocked_in
 from pruned.model import JobView, Policy, Result
@@ -56,6 +59,7 @@ from pruned.policy.facts import NodeFacts, resolve_facts
 from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
+from pruned.text import printable
 from pruned.ticker import Periodic
 
 # A file sweep running this long and blocked in the same syscall on the same path at two
@@ -75,7 +79,9 @@ def sd_notify(message: str) -> bool:
         path = "\0" + path[1:]  # abstract socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            s.sendto(message.encode(), path)
+            # each KEY=VALUE line escaped (pruned.text): a STATUS= quoting a name cannot
+            # fail to encode (no WATCHDOG=1 then) nor forge a second assignment
+            s.sendto("\n".join(map(printable, message.split("\n"))).encode(), path)
         except OSError as e:
             log.warning(f"sd_notify failed: {e}")
             return False
@@ -112,11 +118,7 @@ def read_reload_status(pid: int) -> dict | None:
 
 def is_pruned_daemon(pid: int) -> bool:
     """Whether pid runs `pruned run` (by its command line; only root can signal a root one)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
+    argv = procfs.read_cmdline(pid).split(b"\0")  # bounded in size and time
     return b"run" in argv and any(b"pruned" in a for a in argv[:3])
 
 
@@ -148,9 +150,9 @@ class Daemon:
         self.files_lock = threading.Lock()  # history: job refresh and file sweeps
         self.history = JobHistory.load(self.policy.state_dir)
         self.jobs_cache: JobView | None = None
-        self.sweeps: dict[str, SweepMetrics] = {}
-        self.totals: Counter[tuple[str, str]] = Counter()
-        self.metrics_lock = threading.Lock()  # sweeps, file sweeps and events all write metrics
+        # Sweeps, file sweeps, events and reloads all update it (it has its own lock).
+        self.metrics = MetricsState(__version__, time.time())
+        self.metrics.policy_applied(not policy.dry_run, policy.cleanup.enabled, time.time())
         self.survivors = Survivors()  # outlived SIGKILL: reported once, not re-killed
         self.jobs_list: list[Periodic] = []
         self.sweeper: Periodic | None = None
@@ -160,6 +162,9 @@ class Daemon:
         self.watcher: events.EventWatcher | None = None
         self.reactor: Reactor | None = None
         self.events_note = ""
+        # Kept across sweeps and shared with the event path (pruned.lineage, act.adopt).
+        self.lineage = LineageMemory()
+        self.adopt_failures = AdoptFailures()
 
     # ------------------------------------------------------------ jobs
 
@@ -193,7 +198,7 @@ class Daemon:
         if not self.files_lock.acquire(timeout=LOCK_WAIT):
             return
         try:
-            learn_jobs(self.history, view, time.time())
+            learn_jobs(self.history, view, time.time(), self.policy, prune=True)
             self.history.save()
         finally:
             self.files_lock.release()
@@ -202,27 +207,31 @@ class Daemon:
 
     def process_sweep(self) -> SweepReport:
         policy, facts, sink = self.context()
-        with self.act_lock:
-            report = run_sweep(policy, facts, sink, uids=self.uids, survivors=self.survivors)
-            # Quarantines a survivor kept until it died (no kill runs while we hold the lock).
-            remove_stale_quarantines(policy.slurm.cgroup_root, own=True)
+        try:
+            with self.act_lock:
+                report = run_sweep(policy, facts, sink, uids=self.uids, lineage=self.lineage,
+                                   adopt_failures=self.adopt_failures, survivors=self.survivors)
+                # Quarantines a survivor kept until it died (no kill runs while we hold it).
+                remove_stale_quarantines(policy.slurm.cgroup_root, own=True)
+        except Exception:
+            self.metrics.sweep_failed("process")
+            self.write_metrics()
+            raise
         self.jobs_cache = report.observation.jobs
         plan = report.observation.plan
         reactor = self.reactor  # read once: a reload or stop may clear it meanwhile
         if reactor is not None:
             reactor.hold = plan.brake or ("; ".join(plan.report_only) or None)
             reactor.seed(report.observation.snap)
-        with self.metrics_lock:
-            self.totals.update(report.by_action_result)
-            self.sweeps["process"] = SweepMetrics(
-                "process",
-                time.time(),
-                report.duration,
-                dict(report.by_class),
-                dict(report.by_action_result),
-                brake=plan.brake is not None,
-                report_only=bool(plan.report_only),
-            )
+        self.metrics.process_sweep(SweepMetrics(
+            "process",
+            time.time(),
+            report.duration,
+            dict(report.by_class),
+            dict(report.by_action_result),
+            brake=plan.brake is not None,
+            report_only=bool(plan.report_only),
+        ))
         self.write_metrics()
         files_note = self.check_file_sweep()
         # Only a sweep that completed may feed the watchdog: it says the process sweep is
@@ -279,6 +288,10 @@ class Daemon:
         try:
             with self.files_lock:
                 report = run_clean(policy, facts, sink, history=self.history)
+        except Exception:
+            self.metrics.sweep_failed("files")
+            self.write_metrics()
+            raise
         finally:
             if cleaner is not None and self.stuck_reported == cleaner.running_since:
                 took = time.monotonic() - t0
@@ -288,21 +301,23 @@ class Daemon:
                                        f"after {took:.0f}s; file sweeps go on",
                                        elapsed_ms=round(took * 1000)))
         done = [o for o in report.outcomes if o.result is Result.DONE]
-        with self.metrics_lock:
-            self.sweeps["files"] = SweepMetrics(
+        self.metrics.file_sweep(
+            SweepMetrics(
                 "files",
                 time.time(),
-                0.0,
+                report.duration,
+                report_only=report.report_only is not None,
                 files_removed=sum(o.files for o in done),
                 bytes_removed=sum(o.bytes for o in done),
-            )
+            ),
+            Counter(o.result.value for o in report.outcomes),
+        )
         self.write_metrics()
         return report
 
     def on_event_report(self, report: SweepReport) -> None:
         """Kills by the event path count in the running totals too."""
-        with self.metrics_lock:
-            self.totals.update(report.by_action_result)
+        self.metrics.event_actions(report.by_action_result)
         self.write_metrics()
 
     def write_metrics(self) -> None:
@@ -310,8 +325,7 @@ class Daemon:
         if not path:
             return
         try:
-            with self.metrics_lock:  # render() iterates what other threads update
-                text = render(self.sweeps, self.totals)
+            text = self.metrics.text()
             write_atomic(path, text.encode(), 0o644, durable=False)
         except OSError as e:
             log.warning(f"cannot write metrics {path}: {e.strerror}")
@@ -339,8 +353,10 @@ class Daemon:
                                         reason=why))
             return
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
-                               on_report=self.on_event_report).start()
-        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost).start()
+                               on_report=self.on_event_report, lineage=self.lineage,
+                               adopt_failures=self.adopt_failures).start()
+        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost,
+                                           parents=True).start()  # fmt: skip
         self.events_note = "events on"
 
     def stop_events(self) -> None:
@@ -421,6 +437,8 @@ class Daemon:
                                         reason=where, errors=len(errors)))
             sd_notify(f"STATUS=policy rejected ({where}); running with the last good one")
             self.report_reload(False, errors)
+            self.metrics.reload_rejected()
+            self.write_metrics()
             return
         self._ctx = ctx
         self.keep_last_good(loaded)
@@ -431,6 +449,8 @@ class Daemon:
             job.reschedule()  # a shorter interval takes effect now, not after the old one
         self.start_events()
         self.report_reload(True, [])
+        self.metrics.policy_applied(not policy.dry_run, policy.cleanup.enabled, time.time())
+        self.write_metrics()
 
     def run(self) -> int:
         try:
@@ -448,6 +468,7 @@ class Daemon:
                                     path=self.policy_path))
         _remove_stale_statuses()
         self.report_reload(True, [])
+        self.write_metrics()  # every series at 0 before the first sweep
         sd_notify(f"READY=1\nSTATUS=ready (mode {mode}); first sweep running")
         self.start_jobs()  # the first process sweep and job refresh run now
         while True:

@@ -17,6 +17,8 @@ fi
 bash tests/cluster/cluster.sh install
 bash scripts/setup.sh
 .venv/bin/ruff check pruned tests bench
+PRUNED_PROMTOOL=$(bash scripts/promtool.sh)
+export PRUNED_PROMTOOL
 
 rc=0
 .venv/bin/pytest -q -p no:cacheprovider tests || rc=$?

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from pruned.model import Action, Outcome, Result
-from pruned.text import printable
+from pruned.model import Action, HeldBy, Outcome, Result
+from pruned.text import clip, printable
 
 IDENTIFIER = "pruned"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"  # hard-coded in libsystemd too
@@ -66,6 +66,7 @@ MESSAGE_IDS: Mapping[str, str] = {
     "process_survived": "46c3c69205e046659ef887e37a449f85",
     "file_sweep_stuck": "d6653e13ba7a45c0bae17ac9d3ce34e6",
     "file_sweep_returned": "ccbd50ce18ae4594b38c43d8f21f97ea",
+    "internal_error": "a98d3ff78eb048b5994595b320ae2ce5",
 }
 
 PRIORITIES: Mapping[str, int] = {
@@ -87,6 +88,7 @@ PRIORITIES: Mapping[str, int] = {
     "process_survived": WARNING,  # outlived SIGKILL (D state): reported once, not re-killed
     "file_sweep_stuck": WARNING,  # a file walk blocked in the kernel (hung NFS/FUSE): once
     "file_sweep_returned": INFO,  # the stuck file walk came back; file sweeps go on
+    "internal_error": WARNING,  # a bug stopped one item (a process, a file, a batch): skipped
     "process_gone": INFO,
     "action_held": INFO,
     "process_ignored": INFO,
@@ -151,6 +153,64 @@ class AuditRecord:
 
 class AuditSink(Protocol):
     def emit(self, record: AuditRecord) -> None: ...
+
+
+# What decides, kept when a record cannot be written in full: what happened to whom, by
+# which rule, in which sweep. Everything else is dropped; these are escaped and clipped.
+_DECIDING = (
+    "PRUNED_EVENT", "PRUNED_PID", "PRUNED_STARTTIME", "PRUNED_UID", "PRUNED_USER", "PRUNED_COMM",
+    "PRUNED_EXE", "PRUNED_CLASS", "PRUNED_RULE", "PRUNED_ACTION", "PRUNED_RESULT",
+    "PRUNED_JOB_ID", "PRUNED_PATH", "PRUNED_FILES", "PRUNED_DRY_RUN", "PRUNED_SWEEP_ID",
+)  # fmt: skip
+_REDUCED_FIELD = 512  # characters: a path or comm escaped four-fold still fits
+_REDUCED_MESSAGE = 1024
+
+
+def reduced(record: AuditRecord, why: str) -> AuditRecord:
+    """The record cut down to its deciding fields, each escaped and clipped, plus
+    PRUNED_REDUCED=why: what a sink writes when the full record would not go."""
+    fields = {k: clip(printable(str(record.fields[k])), _REDUCED_FIELD)
+              for k in _DECIDING if k in record.fields}  # fmt: skip
+    fields["PRUNED_REDUCED"] = clip(printable(why), _REDUCED_FIELD)
+    event = record.event if record.event in MESSAGE_IDS else "internal_error"
+    return AuditRecord(event, record.priority, fields,
+                       clip(printable(record.message), _REDUCED_MESSAGE))  # fmt: skip
+
+
+def error_text(e: BaseException) -> str:
+    """`Type: message` of an exception, escaped (its message may quote a user's bytes)."""
+    return clip(printable(f"{type(e).__name__}: {e}"), _REDUCED_MESSAGE)
+
+
+def outcome_fallback_record(
+    outcome: Outcome, sweep_id: str, dry_run: bool, e: BaseException
+) -> AuditRecord:
+    """The record of an outcome whose full record could not be built (a bug in a builder):
+    the identity, the verdict and the result, and why the rest is missing. Pure."""
+    d = outcome.decision
+    p = d.proc
+    try:
+        event = event_for(outcome)
+    except Exception:
+        event = "internal_error"
+    fields = {
+        "PRUNED_EVENT": event,
+        "PRUNED_PID": str(p.pid),
+        "PRUNED_STARTTIME": str(p.starttime),
+        "PRUNED_UID": str(p.uid),
+        "PRUNED_COMM": clip(printable(str(p.comm)), _REDUCED_FIELD),
+        "PRUNED_CLASS": str(d.verdict.cls.value),
+        "PRUNED_RULE": str(d.verdict.rule),
+        "PRUNED_ACTION": str(d.action.value),
+        "PRUNED_RESULT": str(outcome.result.value),
+        "PRUNED_DRY_RUN": _yn(dry_run),
+        "PRUNED_SWEEP_ID": sweep_id,
+        "PRUNED_REDUCED": f"record not built: {error_text(e)}",
+    }
+    msg = (f"{event} pid {p.pid} ({fields['PRUNED_COMM']}, uid {p.uid}): {d.action.value} "
+           f"{outcome.result.value}, rule {d.verdict.rule}; full record not built: "
+           f"{error_text(e)}")
+    return AuditRecord(event, PRIORITIES.get(event, WARNING), fields, msg)
 
 
 # ---------------------------------------------------------------- pure builders
@@ -241,6 +301,68 @@ def record_for_outcome(
     return AuditRecord(event, PRIORITIES[event], fields, _process_message(event, fields))
 
 
+# Guards that hold back a whole sweep: they hold the same processes again on every sweep
+# until an admin acts, so their held outcomes are written as one record per uid.
+NODE_GUARDS = (HeldBy.BRAKE, HeldBy.REPORT_ONLY)
+
+
+def group_held(outcomes: Sequence[Outcome]) -> tuple[list[Outcome], list[list[Outcome]]]:
+    """(outcomes recorded one by one, groups recorded one record each). Pure.
+
+    A group: the outcomes a node-wide guard (NODE_GUARDS) held, of one uid, one action and
+    one reason. A fork bomb of 400 held by the brake is one record per sweep, not 400.
+    """
+    single: list[Outcome] = []
+    groups: dict[tuple[int, Action, str | None], list[Outcome]] = {}
+    for o in outcomes:
+        d = o.decision
+        if o.result is Result.SKIPPED and d.held_by in NODE_GUARDS:
+            groups.setdefault((d.proc.uid, d.action, d.held), []).append(o)
+        else:
+            single.append(o)
+    return single, list(groups.values())
+
+
+def held_record(
+    group: Sequence[Outcome],
+    sweep_id: str,
+    dry_run: bool,
+    user: str | None,
+    *,
+    boot_time: float | None = None,
+    clk_tck: int = 100,
+) -> AuditRecord:
+    """The one action_held record of a group from `group_held`. Pure.
+
+    It names the group's oldest topmost process (the stray root a human looks for first);
+    PRUNED_COUNT says how many processes were held, PRUNED_TREES in how many trees, and
+    PRUNED_TREE lists up to 50 of their pids.
+    """
+    pids = sorted(o.decision.proc.pid for o in group)
+    members = set(pids)
+    roots = [o for o in group if o.decision.proc.ppid not in members] or list(group)
+    first = min(roots, key=lambda o: (o.decision.proc.starttime, o.decision.proc.pid))
+    uid = first.decision.proc.uid
+    trees = f"{len(roots)} tree" + ("s" if len(roots) > 1 else "")
+    detail = f"one record for {len(group)} processes of uid {uid} in {trees}"
+    if len(group) == 1:
+        detail = ""
+    fields = {
+        "PRUNED_COUNT": str(len(group)),
+        "PRUNED_TREES": str(len(roots)),
+        "PRUNED_TREE": " ".join(map(str, pids[:50])),
+    }
+    return record_for_outcome(
+        Outcome(first.decision, Result.SKIPPED, detail),
+        sweep_id,
+        dry_run,
+        user,
+        boot_time=boot_time,
+        clk_tck=clk_tck,
+        extra=fields,
+    )
+
+
 def _process_message(event: str, f: Mapping[str, str]) -> str:
     action = f["PRUNED_ACTION"]
     if event in _VERBS:
@@ -274,10 +396,12 @@ def _process_message(event: str, f: Mapping[str, str]) -> str:
 
 
 def tally(records: Iterable[AuditRecord]) -> dict[str, int]:
-    """Count records by event kind (for `summary_record`)."""
+    """Count records by event kind (for `summary_record`); a `held_record` counts as the
+    processes it stands for."""
     out: dict[str, int] = {}
     for r in records:
-        out[r.event] = out.get(r.event, 0) + 1
+        n = int(r.fields.get("PRUNED_COUNT", "1")) if r.event == "action_held" else 1
+        out[r.event] = out.get(r.event, 0) + n
     return out
 
 
@@ -432,7 +556,11 @@ class JsonlSink:
         return (json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n").encode()
 
     def emit(self, record: AuditRecord, reason: str | None = None) -> None:
-        data = self.line(record, reason)
+        try:
+            data = self.line(record, reason)
+        except Exception as e:  # cannot happen for an escaped record; if it does, keep the facts
+            data = self.line(reduced(record, f"full record not serialisable: {error_text(e)}"),
+                             reason)
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
             # One write() of one line to an O_APPEND fd: lines never interleave.
@@ -488,17 +616,28 @@ class JournalSink:
         if why is None and send is None:
             why = "systemd-python is not installed"
         if why is None:
-            f = record.journal_fields()
-            msg = f.pop("MESSAGE")
             try:
-                send(msg, **f)
-                self.sent += 1
+                self._send_one(send, record)
                 return
             except OSError as e:  # ECONNREFUSED: stale socket; ENOENT: gone meanwhile
                 why = f"journal send failed: {e.strerror or e}"
+            except Exception as e:  # a field the binding or journald will not take
+                small = reduced(record, f"journal refused the full record: {error_text(e)}")
+                try:
+                    self._send_one(send, small)
+                    return
+                except Exception as e2:
+                    why = f"journal send failed: {error_text(e2)}"
+                    record = small
         self.fallbacks += 1
         self.last_error = why
         self.fallback.emit(record, reason=why)
+
+    def _send_one(self, send, record: AuditRecord) -> None:
+        f = record.journal_fields()
+        msg = f.pop("MESSAGE")
+        send(msg, **f)
+        self.sent += 1
 
 
 def make_sink(fallback_path: str | None) -> JournalSink:

@@ -26,6 +26,11 @@ from pruned.linux.procfs import read_stat
 from pruned.model import ProcKey, Result
 
 KILL_WAIT = 2.0  # seconds to wait for SIGKILLed processes to exit before calling them survivors
+# More processes than this born in the quarantines during the grace end it: the trees fork
+# instead of exiting. A SIGTERM handler that runs a cleanup command forks a few.
+FORK_STORM = 16
+GRACE_POLL = 0.2  # seconds between looks at the quarantines during the grace
+
 REMIND_EVERY = 3600.0  # seconds between reminders about a process that outlived SIGKILL
 
 
@@ -225,6 +230,28 @@ def kill_tree(
     )[0]
 
 
+def wait_grace(
+    fds: dict[ProcKey, int],
+    track: dict[ProcKey, Track],
+    grace: float,
+    t0: float,
+    quarantines: dict[int, Quarantine],
+) -> bool:
+    """The grace after SIGTERM: until every member exited or `grace` passed, or until more
+    than FORK_STORM processes were born inside the quarantines meanwhile. A bash fork bomb
+    at its pids limit blocks SIGTERM while it retries fork(), and would otherwise get the
+    whole grace to go on forking. True when it was cut short so."""
+    end = time.monotonic() + grace
+    known = {k.pid for k in fds}
+    while True:
+        step = min(end, time.monotonic() + GRACE_POLL) if quarantines else end
+        track_exits(fds, track, step, t0)
+        if time.monotonic() >= end or all(t.exited is not None for t in track.values()):
+            return False
+        if sum(len(q.procs() - known) for q in quarantines.values()) > FORK_STORM:
+            return True
+
+
 def kill_many(
     trees: Sequence[tuple[ProcKey, Sequence[ProcKey]]],
     *,
@@ -304,7 +331,7 @@ def kill_many(
         signal_all(signal.SIGTERM)
         if freeze:
             signal_all(signal.SIGCONT)
-        track_exits(all_fds, track, time.monotonic() + grace, t0)
+        cut = wait_grace(all_fds, track, grace, t0, quarantines)
         in_grace = {k for k, t in track.items() if t.exited is not None}
         if any(t.exited is None for t in track.values()) or any(
             q.procs() for q in quarantines.values()
@@ -339,6 +366,8 @@ def kill_many(
                 note = "not contained: " + "; ".join(errors[i][:1])
             else:
                 note = f"not contained ({method}): re-walks only"
+            if cut:
+                note += f"; grace cut short: over {FORK_STORM} forked into quarantine after SIGTERM"
             r = replace(r, contained=note, joined=joined.get(i, 0))
             out.append(r)
         return out

@@ -24,6 +24,8 @@ def read_jobs(sources: Sequence[JobSource]) -> JobView:
     (a gLExec pool account mapped to a pilot's job) both are kept, the later one under the
     key "<job_id>@<source>" with the same Job.job_id. Membership: the earlier source wins.
     """
+    if len(sources) == 1:
+        return _only(sources[0])
     jobs: dict[str, Job] = {}
     membership: dict[int, Membership] = {}
     aliases: dict[str, str] = {}
@@ -58,3 +60,15 @@ def read_jobs(sources: Sequence[JobSource]) -> JobView:
         sources=tuple(names),
         aliases=aliases,
     )
+
+
+def _only(src: JobSource) -> JobView:
+    """read_jobs of one source: nothing to merge, so its view as it is (no copy of thousands
+    of state-dir records every refresh), with its problems named as the merge names them."""
+    name = getattr(src, "name", type(src).__name__)
+    try:
+        view = src.read()
+    except Exception as e:  # as in the merge: a failed source is a problem, not a crash
+        return JobView({}, {}, (f"{name}: job source failed: {type(e).__name__}: {e}",), (name,))
+    problems = tuple(p if p.startswith(f"{name}: ") else f"{name}: {p}" for p in view.problems)
+    return JobView(view.jobs, view.membership, problems, (name,), view.aliases)

@@ -94,7 +94,7 @@ def _event(
         return ProcEvent(what, pid, tgid, ppid, ptgid, None, None, ts, None, cpu, seq)
     if what == "comm" and n >= COMM_EVENT.size:
         pid, tgid, raw = COMM_EVENT.unpack_from(body)
-        comm = bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+        comm = bytes(raw).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # lossless
         return ProcEvent(what, pid, tgid, None, None, None, None, ts, None, cpu, seq, comm)
     if what == "exit" and n >= EXIT_EVENT.size:
         pid, tgid, code, _sig, ppid, ptgid = EXIT_EVENT.unpack_from(body)

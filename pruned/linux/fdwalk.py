@@ -7,6 +7,14 @@ directory fails the (st_dev, st_ino) check. No path string through a user-writab
 directory is ever resolved, so a symlink race (CVE-2013-4392, CVE-2018-6954, bpo-4489)
 cannot point a removal outside the tree. The walk stays on one mount: other filesystems,
 bind mounts of the same filesystem (different mount id) and file mounts are skipped.
+
+Cost is linear in everything a user controls. Depth: at most MAX_OPEN_FDS directory fds are
+open (the oldest ancestors are closed and, when the walk climbs back, re-opened through '..'
+of their child and verified by (st_dev, st_ino): a directory moved away meanwhile stops the
+walk instead of redirecting it); no path is built per directory, only for the few entries a
+report keeps (head and tail names, see REL_HEAD/REL_TAIL). Width: entries stream from
+os.scandir on the fd; the subdirectories waiting in one directory are packed (about
+len(name) + 20 bytes each). Names are str with surrogateescape: lossless for any bytes.
 Kept on purpose: FIFOs, device nodes, unix sockets someone bound (listed in /proc/net/unix),
 and files with a lock in /proc/locks.
 """
@@ -16,13 +24,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from array import array
 from dataclasses import dataclass, field
 
 from pruned.linux.dirfd import O_DIR, O_DIR_PATH, Statx
 from pruned.linux.guards import Guards
 
 MAX_OPEN_FDS = 256  # ancestors beyond this are closed and re-opened via ".." (then verified)
-REL_DEPTH = 24  # names kept in a reported relative path (deep trees stay readable)
+REL_HEAD = 4  # names kept from the top of a deep reported path ...
+REL_TAIL = 20  # ... and from its end, "…" between (a report line stays short at any depth)
 MAX_REPORTED = 1000  # skipped/errors kept per call; the rest are only counted
 # File types as plain ints: the scan loop compares them per entry.
 _S_IFMT_BITS = 0o170000
@@ -68,11 +78,65 @@ class RemoveStats:
 
 # ---------------------------------------------------------------- the walker
 
+_OLD = 1 << 31  # flag bit beside the mode in Pending.modes
+
+
+class Pending:
+    """Subdirectories listed in one directory and not visited yet, in listing order.
+
+    Packed (names as bytes in one buffer, inodes and modes in arrays): a directory with a
+    million subdirectories costs ~30 MB here instead of ~180 MB as tuples. Their st_dev is
+    the walk's root_dev (other devices are never queued).
+    """
+
+    __slots__ = ("ends", "inos", "modes", "names", "next")
+
+    def __init__(self) -> None:
+        self.names = bytearray()
+        self.ends = array("Q")
+        self.inos = array("Q")
+        self.modes = array("L")
+        self.next = 0
+
+    def add(self, name: str, ino: int, mode: int, old: bool) -> None:
+        self.names += os.fsencode(name)  # surrogateescape: the exact bytes come back
+        self.ends.append(len(self.names))
+        self.inos.append(ino)
+        self.modes.append(mode | _OLD if old else mode)
+
+    def __len__(self) -> int:
+        return len(self.ends) - self.next
+
+    def pop(self) -> tuple[str, int, int, bool]:
+        """(name, ino, mode, old) of the next subdirectory."""
+        i = self.next
+        self.next = i + 1
+        start = self.ends[i - 1] if i else 0
+        m = self.modes[i]
+        return (
+            os.fsdecode(bytes(self.names[start : self.ends[i]])),
+            self.inos[i],
+            m & ~_OLD,
+            bool(m & _OLD),
+        )
+
 
 class Frame:
-    """One open directory on the walk's explicit stack."""
+    """One directory on the walk's explicit stack (its fd is None while closed)."""
 
-    __slots__ = ("clean", "dev", "fd", "ino", "mode", "name", "parent", "pending", "removable")
+    __slots__ = (
+        "clean",
+        "depth",
+        "dev",
+        "fd",
+        "ino",
+        "mnode",
+        "mode",
+        "name",
+        "parent",
+        "pending",
+        "removable",
+    )
 
     def __init__(
         self,
@@ -85,6 +149,7 @@ class Frame:
         removable: bool,
     ) -> None:
         self.parent = parent
+        self.depth: int = 0 if parent is None else parent.depth + 1
         self.name = name
         self.fd = fd
         self.dev = dev
@@ -92,19 +157,50 @@ class Frame:
         self.mode = mode
         self.removable = removable  # remove this dir itself once it is empty
         self.clean = True  # every entry in it has been removed (or would be)
-        self.pending: list[tuple[str, int, int, int, bool]] = []  # subdirs to visit
+        self.pending: Pending | None = None  # subdirs to visit (None: none left)
+        # Mount points below this directory when statx has no mount id: a trie node
+        # {name: (is_mount, node)} of read_mount_points() below the walk's start, or None.
+        self.mnode: dict | None = None
 
     def rel(self) -> str:
-        """Path below the walk's start; deep paths keep only their last REL_DEPTH names."""
-        names = []
-        f: Frame | None = self
-        while f is not None and f.parent is not None:
-            if len(names) == REL_DEPTH:
-                names.append("…")
-                break
-            names.append(f.name)
-            f = f.parent
-        return "/".join(reversed(names)) or "."
+        """Path below the walk's start from the parent chain: its last REL_TAIL names."""
+        return _render(self, None, ())
+
+
+def _render(frame: Frame, name: str | None, head: tuple[str, ...] | list[str]) -> str:
+    """`head` names, "…" if names are left out, the last REL_TAIL names of frame's path, name.
+
+    Costs O(REL_HEAD + REL_TAIL) whatever the depth: only called for entries a report keeps.
+    """
+    tail: list[str] = [] if name is None else [name]
+    f: Frame | None = frame
+    while f is not None and f.depth > 0 and len(tail) < REL_TAIL:
+        tail.append(f.name)
+        f = f.parent
+    tail.reverse()
+    if f is None or f.depth == 0:
+        return "/".join(tail) or "."
+    left = f.depth  # names at depths 1..left are not in tail
+    shown = list(head[:left])
+    if len(shown) < left:
+        shown.append("…")
+    return "/".join(shown + tail)
+
+
+def mount_trie(mounts: frozenset[str], base: str) -> dict:
+    """Mount points strictly below `base` as a trie {name: (is_mount, subtrie)}."""
+    root: dict = {}
+    prefix = base.rstrip("/") + "/"
+    for m in mounts:
+        if not m.startswith(prefix):
+            continue
+        node = root
+        parts = [p for p in m[len(prefix) :].split("/") if p]
+        for k, part in enumerate(parts):
+            is_mount, sub = node.get(part, (False, {}))
+            node[part] = (is_mount or k == len(parts) - 1, sub)
+            node = sub
+    return root
 
 
 class Walker:
@@ -130,11 +226,17 @@ class Walker:
         self.max_listed = max_listed
         self.root_dev = root_dev
         self.root_mnt = root_mnt
-        self.mounts = mounts  # mount point paths, only when statx gives no mount id
+        # Mount points (only when statx gives no mount id), as a trie below base_path, the
+        # path of the frame run() starts from: one dict lookup per directory at any depth.
+        self.mounts = mounts
+        self.mount_trie = mount_trie(mounts, base_path) if mounts is not None else None
         self.base_path = base_path
         self.stats = RemoveStats()
         self.statx = Statx()
         self.open_fds = 0
+        self.peak_fds = 0  # most directory fds the walk held at once (bench, tests)
+        self.stack: list[Frame] = []
+        self.low = 1  # stack[1:low] are closed; stack[0] (the start) is never closed
         # remove_tree (no uid, no cutoff) takes non-directories by their dirent type;
         # anything else must lstat every entry for its owner and age.
         self.need_stat = uid is not None or cutoff is not None
@@ -145,9 +247,30 @@ class Walker:
 
     # -- helpers
 
-    def _rel(self, frame: Frame, name: str) -> str:
-        r = frame.rel()
-        return name if r == "." else f"{r}/{name}"
+    def _rel(self, frame: Frame, name: str | None = None) -> str:
+        """Reported path of `name` in frame (or of frame): built only for kept records.
+
+        Every frame passed here is on the stack or was just popped from it, so the stack
+        holds its ancestors: the head names come from there, the tail from the parent chain.
+        """
+        stack = self.stack
+        base = stack[0].depth if stack else 0
+        head = [
+            stack[d - base].name for d in range(max(1, base), 1 + REL_HEAD) if d - base < len(stack)
+        ]
+        return _render(frame, name, head)
+
+    def _skip(self, frame: Frame, name: str | None, why: str) -> None:
+        if len(self.stats.skipped) < MAX_REPORTED:
+            self.stats.skipped.append((self._rel(frame, name), why))
+        else:
+            self.stats.more_skipped += 1
+
+    def _error(self, frame: Frame, name: str | None, why: str) -> None:
+        if len(self.stats.errors) < MAX_REPORTED:
+            self.stats.errors.append((self._rel(frame, name), why))
+        else:
+            self.stats.more_errors += 1
 
     def _list(self, frame: Frame, name: str) -> None:
         if len(self.stats.listed) < self.max_listed:
@@ -165,20 +288,20 @@ class Walker:
                     return None
             elif e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                 self.stats.raced += 1
-                self.stats.skip(self._rel(frame, name), "changed during the walk")
+                self._skip(frame, name, "changed during the walk")
                 return None
             else:
-                self.stats.error(self._rel(frame, name), e.strerror or str(e))
+                self._error(frame, name, e.strerror or str(e))
                 return None
-        why = self._check_dir(fd, dev, ino, lambda: self._rel(frame, name))
+        why = self._check_dir(fd, dev, ino, frame, name)
         if why:
             os.close(fd)
-            self.stats.skip(self._rel(frame, name), why)
+            self._skip(frame, name, why)
             return None
         return fd
 
-    def _check_dir(self, fd: int, dev: int, ino: int, rel) -> str:
-        """Why the open dir fd must not be walked ('' when it may)."""
+    def _check_dir(self, fd: int, dev: int, ino: int, parent: Frame, name: str) -> str:
+        """Why the open dir fd (subdir `name` of parent) must not be walked ('' when it may)."""
         fdev, fino, mnt = self.statx(fd)
         if (fdev, fino) != (dev, ino):
             self.stats.raced += 1
@@ -188,30 +311,29 @@ class Walker:
         if mnt is not None and self.root_mnt is not None:
             if mnt != self.root_mnt:
                 return "mount point"
-        elif self.mounts is not None and f"{self.base_path}/{rel()}" in self.mounts:
+        elif parent.mnode is not None and name in parent.mnode and parent.mnode[name][0]:
             return "mount point"
         return ""
 
     def _open_after_chmod(self, frame: Frame, name: str, dev: int, ino: int) -> int | None:
         """Open a dir the owner made unreadable (only matters without CAP_DAC_OVERRIDE)."""
         assert frame.fd is not None
-        rel = self._rel(frame, name)
         try:
             pfd = os.open(name, O_DIR_PATH, dir_fd=frame.fd)
         except OSError as e:
-            self.stats.error(rel, e.strerror or str(e))
+            self._error(frame, name, e.strerror or str(e))
             return None
         try:
             st = os.fstat(pfd)
             if (st.st_dev, st.st_ino) != (dev, ino):
                 self.stats.raced += 1
-                self.stats.skip(rel, "replaced during the walk")
+                self._skip(frame, name, "replaced during the walk")
                 return None
             # fchmod refuses O_PATH fds; the /proc magic link reaches exactly this inode.
             os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | 0o700)
             return os.open(name, O_DIR, dir_fd=frame.fd)
         except OSError as e:
-            self.stats.error(rel, e.strerror or str(e))
+            self._error(frame, name, e.strerror or str(e))
             return None
         finally:
             os.close(pfd)
@@ -248,12 +370,12 @@ class Walker:
                 except OSError as e2:
                     e = e2
             if e.errno == errno.EBUSY:
-                self.stats.skip(self._rel(frame, name), "mount point")
+                self._skip(frame, name, "mount point")
             elif e.errno == errno.ENOTEMPTY:
                 self.stats.raced += 1
-                self.stats.skip(self._rel(frame, name), "not empty (changed during the walk)")
+                self._skip(frame, name, "not empty (changed during the walk)")
             else:
-                self.stats.error(self._rel(frame, name), e.strerror or str(e))
+                self._error(frame, name, e.strerror or str(e))
             return False
 
     # -- the walk
@@ -267,11 +389,12 @@ class Walker:
         regular file whose inode a lock on this device or a dry-run byte count needs, or
         a socket, fifo or device (rare). Skip reasons, counts and listing are shared.
         `top`: the walk's own root (e.g. /tmp), whose other-uid entries are not reported.
+        Entries stream from the directory: only the subdirectories are kept (packed).
         """
         assert frame.fd is not None
         stats = self.stats
         fd = frame.fd
-        pending = frame.pending
+        pending: Pending | None = None
         need_stat = self.need_stat
         sizes = self.sizes
         check_locks = self.check_locks
@@ -305,26 +428,28 @@ class Walker:
                     stats.raced += 1
                     continue
                 except OSError as e:
-                    stats.error(self._rel(frame, name), e.strerror or str(e))
+                    self._error(frame, name, e.strerror or str(e))
                     frame.clean = False
                     continue
                 # uid or cutoff set means need_stat: st is there whenever they are read.
                 if uid is not None and st.st_uid != uid:
                     frame.clean = False
                     if not top:
-                        stats.skip(self._rel(frame, name), f"owned by uid {st.st_uid}")
+                        self._skip(frame, name, f"owned by uid {st.st_uid}")
                     continue
                 if fmt == _S_IFDIR:
                     if st.st_dev != root_dev:  # never even open it (it may be an automount)
                         frame.clean = False
-                        stats.skip(self._rel(frame, name), "other filesystem")
+                        self._skip(frame, name, "other filesystem")
                         continue
                     old = cutoff is None or (st.st_mtime < cutoff and st.st_ctime < cutoff)
-                    pending.append((name, st.st_dev, st.st_ino, st.st_mode, old))
+                    if pending is None:
+                        pending = frame.pending = Pending()
+                    pending.add(name, st.st_ino, st.st_mode, old)
                     continue
                 if cutoff is not None and (st.st_mtime >= cutoff or st.st_ctime >= cutoff):
                     frame.clean = False
-                    stats.skip(self._rel(frame, name), "younger than min_age")
+                    self._skip(frame, name, "younger than min_age")
                     continue
                 why = ""
                 if need_stat and st.st_dev != root_dev:
@@ -354,7 +479,7 @@ class Walker:
                     why = "device node"
                 if why:
                     frame.clean = False
-                    stats.skip(self._rel(frame, name), why)
+                    self._skip(frame, name, why)
                     continue
                 if not dry:
                     try:
@@ -373,33 +498,47 @@ class Walker:
                     stats.bytes += st.st_blocks * 512
                 if len(stats.listed) < max_listed:
                     self._list(frame, name)
-        pending.reverse()  # pop() then visits subdirs in listing order
 
     def run(self, root: Frame, top_is_root: bool) -> None:
         """Walk from an already opened and verified root frame, depth first, no recursion.
 
         The top of the stack is always open: a pushed child is, _close_oldest never closes
-        the top, and a popped frame's parent is re-opened before the frame is closed.
+        the top, and a popped frame's parent is re-opened before the frame is closed. The
+        open frames are stack[0] and stack[low:], so closing the oldest is O(1).
         """
-        stack = [root]
-        self.open_fds = 1
+        stack = self.stack = [root]
+        self.low = 1
+        self.open_fds = self.peak_fds = 1
+        if self.mount_trie is not None:
+            root.mnode = self.mount_trie
         self.scan(root, top_is_root)
         while stack:
             frame = stack[-1]
-            if frame.pending:
-                name, dev, ino, mode, old = frame.pending.pop()
+            pending = frame.pending
+            if pending is not None:
+                name, ino, mode, old = pending.pop()
+                if not pending:
+                    frame.pending = None  # a deep chain keeps no empty buffers per level
+                dev = self.root_dev
                 fd = self._open_child(frame, name, dev, ino)
                 if fd is None:
                     frame.clean = False
                     continue
                 child = Frame(frame, name, fd, dev, ino, mode, old)
+                if frame.mnode is not None and name in frame.mnode:
+                    child.mnode = frame.mnode[name][1]
                 stack.append(child)
                 self.open_fds += 1
                 if self.open_fds > MAX_OPEN_FDS:
                     self._close_oldest(stack)
+                elif self.open_fds > self.peak_fds:
+                    self.peak_fds = self.open_fds
                 self.scan(child, False)
                 continue
             stack.pop()
+            top = len(stack) - 1
+            if self.low > top:
+                self.low = max(1, top)
             parent = frame.parent
             if parent is None or not stack:
                 self._close(frame)
@@ -412,7 +551,7 @@ class Walker:
             if frame.clean and frame.removable and self._remove(parent, os.rmdir, frame.name):
                 self.stats.dirs += 1
                 if len(self.stats.listed) < self.max_listed:
-                    self.stats.listed.append(frame.rel() + "/")
+                    self.stats.listed.append(self._rel(frame) + "/")
             else:
                 parent.clean = False
 
@@ -424,29 +563,43 @@ class Walker:
 
     def _close_oldest(self, stack: list[Frame]) -> None:
         # Keep the root (index 0, owned by the caller's setup) and the top (the frame being
-        # scanned, whose pending subdirs are opened through its fd) open.
-        for f in stack[1:-1]:
+        # scanned, whose pending subdirs are opened through its fd) open. stack[1:low] are
+        # all closed already and stack[low:] all open, so this finds its frame at once.
+        low, top = self.low, len(stack) - 1
+        while low < top:
+            f = stack[low]
+            low += 1
             if f.fd is not None:
                 self._close(f)
-                return
+                break
+        self.low = low
+        if self.open_fds > self.peak_fds:
+            self.peak_fds = self.open_fds
 
     def _reopen_parent(self, frame: Frame) -> bool:
-        """Re-open frame's parent through '..' of frame's fd, verified by (dev, ino)."""
+        """Re-open frame's parent through '..' of frame's fd, verified by (dev, ino).
+
+        A directory moved elsewhere meanwhile (by its owner, say to outside the walked
+        tree) has another '..': that fails the check and the walk stops, so nothing above
+        the moved directory's new place is ever opened.
+        """
         parent = frame.parent
         assert parent is not None and frame.fd is not None
         try:
             fd = os.open("..", O_DIR, dir_fd=frame.fd)
         except OSError as e:
-            self.stats.error(parent.rel(), e.strerror or str(e))
+            self._error(parent, None, e.strerror or str(e))
             return False
         fdev, fino, _ = self.statx(fd)
         if (fdev, fino) != (parent.dev, parent.ino):
             os.close(fd)
             self.stats.raced += 1
-            self.stats.error(frame.rel(), "moved out of its directory during the walk: stopped")
+            self._error(frame, None, "moved out of its directory during the walk: stopped")
             return False
         parent.fd = fd
         self.open_fds += 1
+        if self.open_fds > self.peak_fds:
+            self.peak_fds = self.open_fds
         return True
 
     def _abandon(self, stack: list[Frame]) -> None:

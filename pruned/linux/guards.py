@@ -50,7 +50,9 @@ def read_guards(proc: str = "/proc") -> Guards:
 
     def read(path: str) -> str:
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            # surrogateescape, not replace: a socket named with bytes that are not UTF-8 must
+            # match the walker's name for it (os.scandir's), or a live one is removed
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 return f.read()
         except OSError:
             return ""

@@ -23,7 +23,7 @@ def _unescape(field_: str) -> str:
     if "\\" not in field_:
         return field_
     raw = _OCTAL.sub(lambda m: bytes((int(m[1], 8),)), field_.encode("utf-8", "surrogateescape"))
-    return raw.decode(errors="replace")
+    return raw.decode("utf-8", "surrogateescape")  # lossless: the path names the real mount
 
 
 def mount_points(mountinfo: str) -> list[str]:
@@ -40,7 +40,7 @@ def mount_points(mountinfo: str) -> list[str]:
 
 
 def _read_mountinfo() -> str:
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return f.read()
 
 
@@ -68,7 +68,7 @@ def detach_mounts(path: str, *, dry_run: bool) -> tuple[list[str], list[tuple[st
         if dry_run:
             return todo, errors
         for m in todo:
-            if libc.umount2(m.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+            if libc.umount2(os.fsencode(m), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
                 done.append(m)
             else:
                 err = ctypes.get_errno()

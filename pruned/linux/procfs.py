@@ -9,13 +9,16 @@ action layer's re-check just before it acts.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from pruned.model import DEAD_STATES, Proc, Snapshot
+from pruned.text import decode
 
 # include/linux/sched.h: set for every kernel thread (kthreadd and its children). Only the
 # flag is trusted, never "pid 2 or ppid 2": inside a PID namespace pid 2 is an ordinary process.
@@ -25,7 +28,6 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _STAT_READ = 1024  # /proc/PID/stat is ~300 bytes; comm is at most 64 bytes (kernel threads)
 _STATUS_READ = 4096  # "Uid:" is the 9th line; the rest of status is not needed
 _CGROUP_READ = 65536  # one line per v1 hierarchy; deep paths are still far below this
-_ENVIRON_READ = 1 << 20  # an environment can be up to ARG_MAX; what pruned looks for is early
 _STATES = {c.encode(): c for c in "RSDZTtXxIKWPN"}  # interned one-letter states
 _GONE = (FileNotFoundError, ProcessLookupError)  # ENOENT / ESRCH: the process exited
 
@@ -76,8 +78,9 @@ def _split_stat(data: bytes) -> tuple[bytes, str, int, int, int, int, int]:
 
 
 def _decode_comm(raw: bytes) -> str:
-    # backslashreplace: a comm of invalid UTF-8 still prints and journals, and stays recognisable.
-    return raw.decode("utf-8", "backslashreplace")
+    # surrogateescape, losslessly: "a\xff" and a comm that spells out the text "a\\xff" stay two
+    # names; pruned.text renders the byte as \xNN where it is printed or journalled.
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def parse_stat(text: str) -> StatFields:
@@ -240,7 +243,7 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
         except ValueError:  # UnicodeDecodeError is a ValueError
             garbled += 1
             continue
-        comm = data[lpar + 1 : rpar].decode("utf-8", "backslashreplace")
+        comm = data[lpar + 1 : rpar].decode("utf-8", "surrogateescape")  # see _decode_comm
         pid = int(name)
         if owner and not flags & kflag:
             procs[pid] = Proc(
@@ -330,7 +333,7 @@ def read_proc(pid: int, proc_root: str = "/proc", *, cgroups: bool = True) -> Pr
             fields = _split_stat(_read_at("stat", dfd, _STAT_READ))
             _state, uid, euid = _read_status("status", dfd)
             lines = (
-                parse_cgroup(_read_at("cgroup", dfd, _CGROUP_READ).decode("utf-8", "replace"))
+                parse_cgroup(decode(_read_at("cgroup", dfd, _CGROUP_READ)))
                 if cgroups
                 else ()
             )
@@ -397,7 +400,7 @@ def read_real_uid(pid: int, proc_root: str = "/proc") -> int | None:
 def read_cgroup_lines(pid: int, proc_root: str = "/proc") -> tuple[str, ...]:
     """The raw /proc/PID/cgroup lines of pid; () when it is gone."""
     data = _read_pid_file(proc_root, pid, "cgroup", _CGROUP_READ)
-    return () if data is None else parse_cgroup(data.decode("utf-8", "replace"))
+    return () if data is None else parse_cgroup(decode(data))
 
 
 def read_exe(pid: int, proc_root: str = "/proc") -> str | None:
@@ -412,20 +415,128 @@ def read_exe(pid: int, proc_root: str = "/proc") -> str | None:
         return None
 
 
-def read_cmdline(pid: int, proc_root: str = "/proc", limit: int = 4096) -> bytes:
-    """At most `limit` bytes of pid's NUL-separated argv; b"" when unreadable.
+# ---------------------------------------------------------------- argv and environment
+# /proc/PID/cmdline and environ are copied out of the target's memory (access_remote_vm), under
+# its mmap lock. A process that holds that lock while it sleeps in D state -- faulting on a
+# FUSE-backed mapping whose daemon hangs, say -- blocks our read(2) uninterruptibly, and a
+# user can arrange that. So these two are read in a worker thread with a deadline; a read that
+# misses it is abandoned (its thread stays blocked until the kernel lets go) and the caller is
+# told it timed out, never that the file was empty. At most MAX_STUCK_READS threads are left
+# behind; beyond that a read times out at once rather than pile up threads.
+# A sweep reads neither for ordinary processes (snapshot() never does): only the cmdline of a
+# genuine root slurmstepd (its job number) and, in an epilog, the environ of the uid's strays.
+
+CMDLINE_READ = 128 << 10  # argv pruned parses is slurmstepd's (~100 bytes); a user's argv can
+# be up to ARG_MAX (stack rlimit / 4, 2 MiB by default, more with a bigger stack): read no more
+ENVIRON_READ = 256 << 10  # Slurm and PBS set the job id variables among the first few KiB of a
+# task's environment; an environment bigger than this hides its tail, which only means the
+# epilog does not kill that process on the environment hint (never the reverse)
+READ_TIMEOUT = 0.5  # seconds; an unblocked read of 256 KiB takes well under a millisecond
+MAX_STUCK_READS = 4
+
+_stuck = 0
+_stuck_lock = threading.Lock()
+
+
+class ReadTimedOut(TimeoutError):
+    """Reading a process's cmdline or environ did not finish in time (see above)."""
+
+
+class _PendingRead:
+    """One read_mm_file read, shared by the caller and its worker (under _stuck_lock)."""
+
+    __slots__ = ("abandoned", "data", "error")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.error: Exception | None = None
+        self.abandoned = False
+
+
+def _read_capped(path: str, limit: int) -> bytes | None:
+    """At most `limit` bytes of path, in one pass of chunks (linear in size); None if gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except _GONE:
+        return None
+    try:
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except _GONE:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_mm_file(
+    pid: int, name: str, proc_root: str = "/proc", *, limit: int, timeout: float = READ_TIMEOUT
+) -> bytes | None:
+    """At most `limit` bytes of /proc/PID/<name> (cmdline or environ) within `timeout`
+    seconds; None when the process is gone. ReadTimedOut when the read blocks; other
+    OSErrors (EACCES) as they come."""
+    global _stuck
+    path = f"{proc_root}/{int(pid)}/{name}"
+    with _stuck_lock:
+        if _stuck >= MAX_STUCK_READS:
+            raise ReadTimedOut(f"{path}: timed out ({_stuck} earlier reads still blocked)")
+    st = _PendingRead()
+    done = threading.Event()
+
+    def work() -> None:
+        global _stuck
+        try:
+            st.data = _read_capped(path, limit)
+        except Exception as e:  # handed to the caller, who decides
+            st.error = e
+        finally:
+            with _stuck_lock:
+                done.set()
+                if st.abandoned:  # the caller gave up on us: no longer stuck
+                    _stuck -= 1
+
+    try:
+        threading.Thread(target=work, name="pruned-procread", daemon=True).start()
+    except RuntimeError as e:  # no thread to be had (pids exhausted in a fork storm): unread
+        raise OSError(errno.EAGAIN, f"no reader thread: {e}", path) from None
+    if not done.wait(timeout):
+        with _stuck_lock:
+            if not done.is_set():
+                st.abandoned = True
+                _stuck += 1
+                raise ReadTimedOut(f"{path}: timed out after {timeout:g}s")
+    if st.error is not None:
+        raise st.error
+    return st.data
+
+
+def read_cmdline(
+    pid: int, proc_root: str = "/proc", limit: int = CMDLINE_READ, timeout: float = READ_TIMEOUT
+) -> bytes:
+    """At most `limit` bytes of pid's NUL-separated argv; b"" when gone, unreadable or it
+    timed out (read_mm_file tells these apart).
 
     argv is the process's to set: only trusted for a process already known to be root's.
     """
-    data = _read_pid_file(proc_root, pid, "cmdline", limit)
-    return data or b""
-
-
-def read_environ(pid: int, proc_root: str = "/proc", limit: int = _ENVIRON_READ) -> bytes:
-    """At most `limit` bytes of pid's NUL-separated environment; b"" when unreadable."""
     try:
-        with open(f"{proc_root}/{int(pid)}/environ", "rb") as f:
-            return f.read(limit)
+        return read_mm_file(pid, "cmdline", proc_root, limit=limit, timeout=timeout) or b""
+    except OSError:
+        return b""
+
+
+def read_environ(
+    pid: int, proc_root: str = "/proc", limit: int = ENVIRON_READ, timeout: float = READ_TIMEOUT
+) -> bytes:
+    """At most `limit` bytes of pid's NUL-separated environment; b"" when gone, unreadable or
+    it timed out (read_mm_file tells these apart)."""
+    try:
+        return read_mm_file(pid, "environ", proc_root, limit=limit, timeout=timeout) or b""
     except OSError:
         return b""
 

@@ -1,4 +1,8 @@
-"""uid <-> user name, cached: NSS lookups (LDAP on many clusters) are slow and sweeps repeat."""
+"""uid <-> user name, cached: NSS lookups (LDAP on many clusters) are slow and sweeps repeat.
+
+A name need not be UTF-8: pwd decodes it with surrogateescape, losslessly, and pruned.text
+escapes it where it is printed or journalled.
+"""
 
 from __future__ import annotations
 

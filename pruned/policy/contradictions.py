@@ -53,6 +53,23 @@ def check_contradictions(
             f"must be shorter than schedule.sweep ({_secs(policy.sweep_interval)}, "
             f"{origin('schedule.sweep')}): a kill must finish before the next sweep",
         )
+    # A record must outlive the file sweep that cleans its job's dirs: the end of an idle job
+    # is backdated by idle_grace, the dirs wait cleanup.min_age, the sweep comes every clean.
+    need = policy.cleanup.min_age + policy.idle_grace + policy.clean_interval
+    retention = ("jobs.keep_ended", "cleanup.min_age", "jobs.idle_grace", "schedule.clean")
+    if policy.keep_ended <= need and (w := where(*retention)):
+        errs.at(
+            w[1],
+            w[0],
+            f"jobs.keep_ended ({_secs(policy.keep_ended)}, {origin('jobs.keep_ended')}) must be "
+            f"longer than cleanup.min_age + jobs.idle_grace + schedule.clean ({_secs(need)}: "
+            + " + ".join(f"{k} {_secs(v)} ({origin(k)})" for k, v in (
+                ("cleanup.min_age", policy.cleanup.min_age),
+                ("jobs.idle_grace", policy.idle_grace),
+                ("schedule.clean", policy.clean_interval),
+            ))
+            + "): a job would be forgotten before the file sweep that cleans its dirs",
+        )
     if (
         policy.whitelist.sshd
         and not policy.sshd_paths

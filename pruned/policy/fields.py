@@ -145,6 +145,16 @@ def optional_path(node: Node, path: str, errs: Errors) -> Any:
     return None if node.value is None else _path_value(node, path, errs)
 
 
+def prom_textfile(node: Node, path: str, errs: Errors) -> Any:
+    """optional_path ending in .prom: node_exporter's textfile collector reads only *.prom."""
+    v = optional_path(node, path, errs)
+    if isinstance(v, str) and not v.endswith(".prom"):
+        errs.at(node, path, f"must end in .prom (node_exporter's textfile collector reads "
+                f"only *.prom files), got {v!r}")
+        return INVALID
+    return v
+
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
 
 

@@ -6,6 +6,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from pruned.model import Policy
 from pruned.policy.fields import (
     INVALID,
     Check,
@@ -21,6 +22,7 @@ from pruned.policy.fields import (
     one_of,
     optional_path,
     path_item,
+    prom_textfile,
     roots_post,
     uid_range,
 )
@@ -53,11 +55,22 @@ SCHEMA: dict[str, Any] = {
             ),
             "adopt_fallback",
         ),
+        "adopt_failure": _Field(
+            one_of(
+                "kill",
+                "ignore",
+                hints={
+                    "adopt": "adopt_failure is what happens when the kernel refused an "
+                    "adoption, so it cannot be 'adopt' again (expected kill or ignore)"
+                },
+            ),
+            "adopt_failure",
+        ),
         **{c: _Field(ignore_only(c), None) for c in CLASSES_IGNORE_ONLY},
     },
     "kill": {
         "grace": _Field(duration(False), "kill_grace"),
-        "max_per_sweep": _Field(integer(1), "max_kills_per_sweep"),
+        "brake": {"max_uids": _Field(integer(1), "brake_max_uids")},
     },
     "epilog": {"drain_on_survivor": _Field(boolean, "epilog_drain_on_survivor")},
     "min_age": _Field(duration(False), "min_age"),
@@ -68,6 +81,8 @@ SCHEMA: dict[str, Any] = {
             "stepd": _Field(list_of(path_item, non_empty=True), "slurm.stepd"),
         },
         "state_dir": _Field(abs_path, "state_dir"),
+        "idle_grace": _Field(duration(False), "idle_grace"),
+        "keep_ended": _Field(duration(True), "keep_ended"),
     },
     "batch_daemons": _Field(list_of(path_item), "batch_daemons"),
     "sshd_paths": _Field(list_of(path_item), "sshd_paths"),
@@ -99,7 +114,15 @@ SCHEMA: dict[str, Any] = {
     },
     "events": _Field(boolean, "events"),
     "audit": {"fallback_file": _Field(optional_path, "audit_fallback")},
-    "metrics": {"textfile": _Field(optional_path, "metrics_textfile")},
+    "metrics": {"textfile": _Field(prom_textfile, "metrics_textfile")},
+}
+
+# Keys that existed once: their own message, naming what replaced them, rather than "unknown".
+RETIRED: dict[str, str] = {
+    "kill.max_per_sweep": "replaced by kill.brake.max_uids "
+    f"(default {Policy().brake_max_uids}): the brake now counts the users whose processes "
+    "would be killed, not processes; remove this key (and set kill.brake.max_uids if the "
+    "default does not fit)",
 }
 
 
@@ -115,7 +138,9 @@ def check_tree(
     for key, sub in node.value.items():
         dotted = f"{path}.{key}" if path else key
         spec = schema.get(key)
-        if spec is None:
+        if spec is None and dotted in RETIRED:
+            errs.add(sub.file, sub.key_line, dotted, RETIRED[dotted])
+        elif spec is None:
             close = difflib.get_close_matches(key, list(schema), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             errs.add(

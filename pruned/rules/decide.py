@@ -20,11 +20,13 @@ from pruned.model import (
     Policy,
     Proc,
     ProcClass,
+    ProcKey,
     Result,
     Snapshot,
     SweepPlan,
     Verdict,
 )
+from pruned.rules.lineage import LineageMark, evidence
 from pruned.rules.trust import is_kernel, is_root_daemon
 
 
@@ -89,23 +91,46 @@ def decide(
     protected: Collection[int] = (),
     uids: Collection[int] | None = None,
     exes: KnownExes | None = None,
+    lineage: Mapping[int, LineageMark] | None = None,
+    adopt_failed: Mapping[ProcKey, str] | None = None,
 ) -> SweepPlan:
     """Turn verdicts into decisions; rails, min_age, scope, report-only and the brake come last.
 
     `protected`: pids that must never be touched (pruned and its ancestors).
     `uids`: when given, only processes of these uids may be acted on.
+    `lineage`: pid -> the stray lineage it belongs to (pruned.rules.lineage.trace); a young
+    stray whose lineage has been stray for min_age is judged with it.
+    `adopt_failed`: processes whose adoption the kernel refused before, with the error:
+    their adoption is not retried, the policy's adopt_failure applies instead.
     """
     out: list[Decision] = []
     for pid in sorted(verdicts):
         proc = snap.procs[pid]
         d = choose_action(proc, verdicts[pid], jobs, policy)
+        if d.action is Action.ADOPT and adopt_failed and proc.key in adopt_failed:
+            fb = policy.adopt_failure
+            d = replace(d, action=fb, target_job=None,
+                        reason=f"adoption failed before ({adopt_failed[proc.key]}): "
+                        f"adopt_failure {fb}, not retried")  # fmt: skip
         if d.action is not Action.IGNORE:
             why, by = rail(proc, policy, protected, exes), HeldBy.RAIL
             if why is None and uids is not None and proc.uid not in uids:
                 why, by = "outside the --uid scope of this sweep", HeldBy.SCOPE
-            if why is None and snap.age(proc) < policy.min_age:
-                why = f"younger than min_age {policy.min_age:g}s: judged later"
-                by = HeldBy.YOUNG
+            if why is None and (age := snap.age(proc)) < policy.min_age:
+                mark = lineage.get(pid) if lineage else None
+                grown = snap.taken_at - mark.since if mark is not None else 0.0
+                if mark is not None and grown >= policy.min_age:
+                    # Young, but of a lineage that is not: min_age shields a new login or
+                    # step, never the fresh child of a stray that re-forks and exits.
+                    line = evidence(mark, age, grown, policy.min_age)
+                    v = d.verdict
+                    g = mark.group
+                    group = (g.kind, g.gid, mark.since) if g is not None else None
+                    d = replace(d, verdict=replace(v, evidence=(*v.evidence, line)),
+                                reason=f"{d.reason}; {line}", lineage_group=group)  # fmt: skip
+                else:
+                    why = f"younger than min_age {policy.min_age:g}s: judged later"
+                    by = HeldBy.YOUNG
             if why is not None:
                 d = held(d, why, by)
         out.append(d)
@@ -123,25 +148,39 @@ def decide(
     return apply_brake(SweepPlan(tuple(out), report_only, None), policy)
 
 
-def apply_brake(plan: SweepPlan, policy: Policy, already: int = 0) -> SweepPlan:
-    """The mass-kill brake: more kills than max_kills_per_sweep means none at all.
+def _listed(items: Sequence[object], limit: int = 10) -> str:
+    """"a, b, c" or "a, b, c and 7 more": names for a one-line message."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
-    `already`: kills spent since the last full sweep (the event path acts in small batches,
-    which together must stay within the same budget as one sweep).
+
+def apply_brake(plan: SweepPlan, policy: Policy, already: Collection[int] = ()) -> SweepPlan:
+    """The mass-kill brake: kills of more than brake_max_uids distinct uids mean none at all.
+
+    It stops a blind job source, which makes every user with a process a stray at once, so it
+    counts users, not processes: all of one uid's kills (a fork bomb of 400, or 60 old strays)
+    are one target, and one user's strays can never hold the brake for another's.
+    `already`: uids the event path killed since the last full sweep; its small batches
+    together stay within the budget of one sweep.
     """
     kills = [d for d in plan.decisions if d.action is Action.KILL and d.held is None]
-    if already + len(kills) <= policy.max_kills_per_sweep:
+    uids = sorted({d.proc.uid for d in kills} | set(already))
+    if not kills or len(uids) <= policy.brake_max_uids:
         return plan
-    since = f" (+{already} since the last sweep)" if already else ""
+    jobs = sorted({d.verdict.job_id for d in kills if d.verdict.job_id is not None})
+    earlier = sorted(set(already))
+    since = f"; {_listed(earlier)} since the last full sweep" if earlier else ""
+    in_jobs = f", in jobs {_listed(jobs)}" if jobs else ""
     brake = (
-        f"mass-kill brake: {len(kills)} kills{since} exceed "
-        f"max_kills_per_sweep={policy.max_kills_per_sweep}; nothing was killed"
+        f"mass-kill brake: kills of {len(uids)} uids ({_listed(uids)}{since}){in_jobs} "
+        f"exceed kill.brake.max_uids={policy.brake_max_uids}; nothing was killed"
     )
     decisions = tuple(
         held(d, brake, HeldBy.BRAKE) if d.action is Action.KILL and d.held is None else d
         for d in plan.decisions
     )
-    return SweepPlan(decisions, plan.report_only, brake)
+    return replace(plan, decisions=decisions, brake=brake, brake_uids=tuple(uids),
+                   brake_jobs=tuple(jobs))
 
 
 def recheck(

@@ -25,7 +25,9 @@ def job_ids_in_environ(data: bytes) -> set[str]:
     for item in data.split(b"\0"):
         key, _, value = item.partition(b"=")
         if key in JOB_ENV_KEYS and value:
-            text = value.decode(errors="replace")
+            # losslessly (surrogateescape): a value that is not UTF-8 names no real job, and
+            # must not become equal to another after a lossy decode
+            text = value.decode("utf-8", "surrogateescape")
             out |= {text, text.split(".")[0]}
     return out
 

@@ -62,7 +62,7 @@ def event(draw: st.DrawFn) -> tuple[bytes, ProcEvent]:
             **none,
             "pid": a,
             "tgid": b,
-            "comm": raw.split(b"\0", 1)[0].decode("utf-8", "replace"),
+            "comm": raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
         }
     elif what == "exit":
         code = draw(u32)

@@ -51,8 +51,8 @@ def test_snapshot_agrees_with_parse_stat(stats: list[bytes]) -> None:
             assert pid not in snap.procs
             continue
         p = snap.procs[pid]
-        # snapshot() renders comm for printing (backslashreplace); parse_stat keeps it lossless
-        comm = want.comm.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        # snapshot() and parse_stat both keep comm lossless (surrogateescape)
+        comm = want.comm
         assert (p.comm, p.state, p.ppid, p.pgid, p.sid, p.starttime, p.kthread) == (
             comm,
             want.state,

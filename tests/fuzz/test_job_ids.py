@@ -17,6 +17,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pruned.jobs.statedir import (
+    CHANGES,
     JOBS_SUBDIR,
     StateDirSource,
     job_id_of_record_name,
@@ -155,4 +156,5 @@ def test_cli_prolog_and_epilog_take_a_pbs_array_id(tmp_path: Path, mode: str) ->
     for bad in ("../x", ".", "a/b"):  # still never a path
         r = _cli("prolog", "--policy", str(policy), "--job", bad, "--uid", uid)
         assert r.returncode != 0 and "job id" in r.stderr, r.stderr
-    assert sorted(os.listdir(state / JOBS_SUBDIR)) == ["123%5B4%5D.server.json"]
+    # the record, and the change log its writers keep (statedir.CHANGES): no file of a bad id
+    assert sorted(os.listdir(state / JOBS_SUBDIR)) == sorted([CHANGES, "123%5B4%5D.server.json"])

@@ -167,6 +167,8 @@ def policy_text(draw: st.DrawFn) -> bytes:
                         "min_age",
                         "kill",
                         "  grace",
+                        "  brake",
+                        "    max_uids",
                         "  max_per_sweep",
                         "actions",
                         "  stray",
@@ -255,7 +257,7 @@ def _check(path: str) -> None:
 @given(policy_text())
 @example(b"version: 1\nmin_age: &a [*a]\n")
 @example(b"version: 1\nmode: !!python/object/apply:os.system ['true']\n")
-@example(b"version: 1\nkill: {grace: 1e400, max_per_sweep: 99999999999999999999}\n")
+@example(b"version: 1\nkill: {grace: 1e400, brake: {max_uids: 99999999999999999999}}\n")
 @example(b"version: 1\n" + b"a: &a [" + b"*a, " * 50 + b"]\n")
 def test_policy_file(data: bytes) -> None:
     d = tempfile.mkdtemp(prefix="pruned-fuzz-policy-")

@@ -5,7 +5,7 @@ READY=1 only after the self-check, WATCHDOG=1 per completed sweep, STATUS= lines
 after start die by the periodic sweep and, separately, by the event path alone (min_age
 honoured by a re-check); SIGHUP keeps the last good policy or applies a good new one; SIGTERM
 stops cleanly; a bad policy exits 78; without the proc connector it polls; a fork storm does
-not blind it; the metrics textfile is replaced atomically.
+not blind it; the metrics textfile is replaced atomically and reports real sweeps and reloads.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from typing import Any
 import pytest
 
 from pruned.exitcodes import EX_CONFIG, EX_SOFTWARE
+from pruned.jobs.history import JobHistory
+from tests.fixtures.cluster import in_ci
 from tests.fixtures.paths import REPO
 from tests.fixtures.users import User, alive, daemon_as, run_as
+from tests.unit.test_metrics import conventions, parse
 
 pytestmark = pytest.mark.root
 
@@ -50,7 +53,7 @@ def policy_text(tmp: Path, **over: Any) -> str:
         "version": 1,
         "mode": "enforce",
         "min_age": "0s",
-        "kill": {"grace": "1s", "max_per_sweep": 50},
+        "kill": {"grace": "1s", "brake": {"max_uids": 3}},
         "jobs": {"sources": ["statedir"], "state_dir": str(state)},
         "audit": {"fallback_file": str(tmp / "audit.jsonl")},
         "metrics": {"textfile": str(tmp / "pruned.prom")},
@@ -646,7 +649,8 @@ def test_metrics_textfile_is_replaced_atomically(tmp_path, make_user, start_daem
             inodes.add(os.fstat(f.fileno()).st_ino)
             seen.append(f.read())
         time.sleep(0.005)
-    assert seen and all(t.endswith("pruned_bytes_removed 0\n") for t in seen), (
+    last_line = 'pruned_cleanup_items_total{result="would"} 0\n'
+    assert seen and all(t.endswith(last_line) for t in seen), (
         "a reader saw a partial metrics file"
     )
     assert len(inodes) >= 2, "the file must be replaced (rename), not rewritten in place"
@@ -657,8 +661,103 @@ def test_metrics_textfile_is_replaced_atomically(tmp_path, make_user, start_daem
     assert 'pruned_decisions{action="kill",result="would"}' in text
     assert 'pruned_actions_total{action="kill",result="would"}' in text
     assert 'pruned_sweep_duration_seconds{kind="process"}' in text
-    assert "pruned_report_only 0" in text and "pruned_brake_tripped 0" in text
+    assert 'pruned_report_only{kind="process"} 0' in text and "pruned_brake_tripped 0" in text
     assert oct(prom.stat().st_mode & 0o777) == oct(0o644)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".pruned-")], "temp file left"
     assert alive(pid)
+    assert d.stop() == 0
+
+
+def _metrics(prom: Path) -> dict[tuple[str, tuple], float]:
+    """The textfile as prometheus_client's parser reads it, after the conventions check."""
+    text = prom.read_text()
+    assert conventions(text) == [], text
+    promtool = os.environ.get("PRUNED_PROMTOOL") or shutil.which("promtool")
+    if promtool is None and in_ci():
+        pytest.fail("CI=true but no promtool (scripts/promtool.sh gives one)", pytrace=False)
+    if promtool is not None:  # scripts/test.sh takes it out of Debian's `prometheus` package
+        r = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
+                           capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return parse(text)[1]
+
+
+def _wait_metric(prom: Path, name: str, pred: Callable[[float], bool],
+                 labels: tuple = (), timeout: float = 15.0) -> dict[tuple[str, tuple], float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            got = _metrics(prom)
+            if pred(got.get((name, labels), float("nan"))):
+                return got
+        assert time.monotonic() < deadline, f"{name}{labels} never matched: {prom.read_text()}"
+        time.sleep(0.1)
+
+
+def test_metrics_of_real_sweeps_and_reloads(tmp_path, make_user, start_daemon):
+    """A real enforcing daemon kills a stray and removes a ghost user's loose file; its
+    textfile parses, follows the conventions, and says so; a rejected and then a good reload
+    show in it."""
+    from pruned import __version__
+
+    user, ghost = make_user("prd"), make_user("prg")
+    root = tmp_path / "root"
+    root.mkdir()
+    root.chmod(0o1777)
+    junk = root / "ghost.dat"
+    junk.write_bytes(b"x" * 5000)
+    os.chown(junk, ghost.uid, ghost.gid)
+    os.utime(junk, (time.time() - 7200,) * 2)
+    # min_age 0s: a file's age counts from its ctime too, which the chown above made new.
+    cleanup = {"enabled": True, "roots": [str(root)], "job_dirs": [], "min_age": "0s",
+               "loose_files": True}
+    prom = tmp_path / "pruned.prom"
+    t0 = time.time()
+    policy = write_policy(tmp_path, cleanup=cleanup, schedule={"sweep": "2s", "clean": "1s"})
+    # The ghost's last job ended two hours ago: its loose files go (rules.cleanplan).
+    history = JobHistory.load(str(tmp_path / "state"))
+    history.mark_ended("77", ghost.uid, time.time() - 7200, time.time() - 8000)
+    history.save()
+    d = start_daemon(policy, [user.uid])
+    d.ready()
+    pid = plant_stray(user, "prd_metrics_kill")
+    assert wait_dead(pid, 10), "the enforcing daemon must kill the stray"
+    kd = (("action", "kill"), ("result", "done"))
+    got = _wait_metric(prom, "pruned_actions_total", lambda v: v >= 1, kd)
+    got = _wait_metric(prom, "pruned_cleanup_removed_bytes_total", lambda v: v >= 5000)
+    assert not junk.exists(), "the file sweep must have removed the ghost's file"
+    assert got[("pruned_build_info", (("version", __version__),))] == 1
+    assert got[("pruned_enforce", ())] == 1
+    assert got[("pruned_cleanup_enabled", ())] == 1
+    assert got[("pruned_cleanup_removed_files_total", ())] >= 1
+    assert got[("pruned_cleanup_items_total", (("result", "done"),))] >= 1
+    for kind in ("process", "files"):
+        k = (("kind", kind),)
+        assert got[("pruned_sweeps_total", k)] >= 1
+        assert got[("pruned_sweep_duration_seconds", k)] > 0, f"{kind} sweep duration not measured"
+        assert t0 <= got[("pruned_sweep_last_success_timestamp_seconds", k)] <= time.time()
+        assert got[("pruned_sweep_failures_total", k)] == 0
+    for cls in ("system", "batch", "adopted", "whitelisted", "stray"):
+        assert ("pruned_processes", (("class", cls),)) in got
+    assert got[("pruned_config_last_reload_successful", ())] == 1
+    loaded_at = got[("pruned_config_last_reload_success_timestamp_seconds", ())]
+    assert t0 <= loaded_at <= time.time()
+    assert t0 <= got[("pruned_start_time_seconds", ())] <= loaded_at
+
+    # A rejected reload: 0, and the success timestamp stays that of the last good load.
+    good = policy.read_text()
+    policy.write_text(good.replace('"mode": "enforce"', '"mode": "enforce", "modee": 1'))
+    os.kill(d.pid, signal.SIGHUP)
+    d.wait_audit(PRUNED_EVENT="config_rejected")
+    got = _wait_metric(prom, "pruned_config_last_reload_successful", lambda v: v == 0)
+    assert got[("pruned_config_last_reload_success_timestamp_seconds", ())] == loaded_at
+    # A good one in report mode: 1 again, a later timestamp, enforce 0.
+    policy.write_text(good.replace('"mode": "enforce"', '"mode": "report"'))
+    os.kill(d.pid, signal.SIGHUP)
+    d.wait_audit(PRUNED_EVENT="config_loaded")
+    got = _wait_metric(prom, "pruned_config_last_reload_successful", lambda v: v == 1)
+    assert got[("pruned_config_last_reload_success_timestamp_seconds", ())] > loaded_at
+    assert got[("pruned_enforce", ())] == 0
+    # The counters survive the reload (they reset only when the daemon restarts).
+    assert got[("pruned_actions_total", kd)] >= 1
     assert d.stop() == 0

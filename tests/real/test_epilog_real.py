@@ -6,7 +6,9 @@ runs it (no arguments but --policy, the job in SLURM_JOB_ID/SLURM_JOB_UID) again
   last good policy;
 - a broken policy without one: exit 0, `policy_fallback` "nothing done", the stray untouched;
 - an internal error (its state dir is a file): exit 0, `epilog_error`;
-- the mass-kill brake: exit 0, `brake_tripped`, nobody killed;
+- the mass-kill brake counts the job's uid once: with `kill.brake.max_uids: 1` every stray of
+  the uid dies (the epilog's targets are one uid by construction, so it never trips; that a
+  tripped brake exits 0 is test_epilog_exit's);
 - a prolog with a broken policy records the job start with the last good one.
 Each runs in a private mount namespace whose /run is an empty tmpfs, so the audit records go to
 the policy's JSON-lines fallback file, where the test reads them.
@@ -148,16 +150,20 @@ def test_internal_error_exits_0_with_a_record(tmp_path, make_user):
     assert err["PRIORITY"] == "4" and "exiting 0" in err["MESSAGE"]
 
 
-def test_the_brake_exits_0_and_kills_nobody(tmp_path, make_user):
+def test_the_brake_counts_the_jobs_uid_once(tmp_path, make_user):
+    """Under the old per-process brake (max_per_sweep: 1) these two strays held each other;
+    the brake counts uids now, and one job's leftovers are one uid."""
     user = make_user("pre")
-    strays = [daemon_as(user, f"pre_brake_{i}") for i in range(2)]
-    policy = write_policy(tmp_path, kill="{grace: 1s, max_per_sweep: 1}")
+    strays = [daemon_as(user, f"pre_brake_{i}") for i in range(3)]
+    policy = write_policy(tmp_path, kill="{grace: 1s, brake: {max_uids: 1}}")
     job = job_id()
     r = run_hook(EPILOG, policy, job, user)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert all(alive(p) for p in strays)
+    assert wait_dead(strays), r.stdout
     recs = records(tmp_path / "audit.jsonl", "")
-    assert any(x["PRUNED_EVENT"] == "brake_tripped" and x["PRIORITY"] == "4" for x in recs), recs
+    assert not [x for x in recs if x["PRUNED_EVENT"] == "brake_tripped"], recs
+    killed = {int(x["PRUNED_PID"]) for x in recs if x["PRUNED_EVENT"] == "process_killed"}
+    assert set(strays) <= killed, recs
 
 
 def test_prolog_with_a_broken_policy_uses_the_last_good_one(tmp_path, make_user):

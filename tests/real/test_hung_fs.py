@@ -109,15 +109,16 @@ def test_survivor_in_d_state_is_reported_once_and_left_alone(
     tmp_path, make_user, start_daemon  # noqa: F811
 ):
     user = make_user("prv")
+    other = make_user("prw")
     with hung_fuse(Path(user.home) / "hung") as fs:  # where the user can reach it
         name = "prv_stuck_on_fuse"
         setsid_as(user, f"exec -a {name} {sys.executable} -S -c '{STAT_ON}' {user.home}/hung")
         pid = wait_for_pid(user.uid, name)
         wait_for(lambda: fs.requests, 10, "the user's stat to reach the hung mount")
-        # A brake of 1: the survivor must not count as a kill once it is known.
+        # A brake of one uid: the survivor's must not count once it is known.
         policy = write_policy(tmp_path, schedule={"sweep": "2s"},
-                              kill={"grace": "1s", "max_per_sweep": 1})
-        d = start_daemon(policy, [user.uid], env={"WATCHDOG_USEC": "6000000"})
+                              kill={"grace": "1s", "brake": {"max_uids": 1}})
+        d = start_daemon(policy, [user.uid, other.uid], env={"WATCHDOG_USEC": "6000000"})
         d.ready(timeout=60)
         rec = d.wait_audit(timeout=30, PRUNED_EVENT="process_survived")
         assert rec["PRUNED_PID"] == str(pid) and rec["PRUNED_STATE"] == "D", rec
@@ -132,7 +133,7 @@ def test_survivor_in_d_state_is_reported_once_and_left_alone(
         assert kinds == ["kill_failed", "process_survived"], kinds
         dogs = [s for at, s in d.notify.lines() if at > t and s == "WATCHDOG=1"]
         assert len(dogs) >= 4
-        stray = plant_stray(user, "prv_next_stray")
+        stray = plant_stray(other, "prw_next_stray")  # a second uid for the brake
         assert wait_dead(stray, 20) is not None, "the known survivor does not trip the brake"
         assert not events(d, "brake_tripped")
         kept = quarantines(d.pid)  # the survivor sits in the quarantine its kill made

@@ -39,7 +39,7 @@ def write_policy(tmp: Path, body: str = "", *, state: bool = True) -> Path:
     p = tmp / "policy.yaml"
     p.write_text(
         "version: 1\nmode: enforce\nmin_age: 0s\nevents: false\n"
-        f"kill:\n  grace: 2s\n  max_per_sweep: 50\n"
+        f"kill:\n  grace: 2s\n  brake:\n    max_uids: 3\n"
         f"jobs:\n  sources: [statedir]\n  state_dir: {state_dir}\n"
         f"audit:\n  fallback_file: {tmp}/audit.jsonl\n"
         "cleanup:\n  enabled: false\n" + body
@@ -137,11 +137,11 @@ def test_term_ignoring_stray_dies_after_grace(tmp_path, make_user):
 
 
 def test_brake_trips_and_kills_nothing(tmp_path, make_user):
-    bob = make_user("prsk")
+    bob, eve = make_user("prsk"), make_user("prsk")
     policy = write_policy(tmp_path)
-    policy.write_text(policy.read_text().replace("max_per_sweep: 50", "max_per_sweep: 1"))
-    pids = [*stray_tree(bob, "bob_b1"), *stray_tree(bob, "bob_b2")]
-    r = sweep(policy, bob.uid)
+    policy.write_text(policy.read_text().replace("max_uids: 3", "max_uids: 1"))
+    pids = [*stray_tree(bob, "bob_b1"), *stray_tree(eve, "eve_b2")]
+    r = sweep(policy, bob.uid, eve.uid)
     assert "mass-kill brake" in r.stdout + r.stderr
     time.sleep(0.3)
     assert all(alive(p) for p in pids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from pruned.act.audit import (
     default_fallback_path,
     event_record,
     files_record,
+    group_held,
+    held_record,
     make_sink,
     record_for_outcome,
     summary_record,
@@ -35,6 +38,7 @@ from pruned.act.audit import (
 from pruned.model import (
     Action,
     Decision,
+    HeldBy,
     Outcome,
     Proc,
     ProcClass,
@@ -74,6 +78,23 @@ def stray_outcome(
     reason = "strays are killed" if action == Action.KILL else f"newest job of uid 30012 is {job}"
     decision = Decision(proc, verdict, action, reason, target_job=job, held=held)
     return Outcome(decision, result, detail, (ProcKey(4242, 1_116_000), ProcKey(4250, 1_116_050)))
+
+
+BRAKE = (
+    "mass-kill brake: kills of 4 uids (30012, 30013, 30014, 30015) exceed "
+    "kill.brake.max_uids=3; nothing was killed"
+)
+
+
+def brake_held() -> list[Outcome]:
+    """What the brake held of uid 30012 in one sweep: a stray tree of three processes."""
+    root = stray_outcome(Action.KILL, Result.SKIPPED, BRAKE, held=BRAKE)
+    d = replace(root.decision, held_by=HeldBy.BRAKE)
+    out = [replace(root, decision=d)]
+    for pid, ppid in ((4250, 4242), (4251, 4250)):
+        proc = replace(d.proc, pid=pid, ppid=ppid, starttime=d.proc.starttime + pid - 4242)
+        out.append(Outcome(replace(d, proc=proc), Result.SKIPPED, BRAKE))
+    return out
 
 
 def samples() -> dict[str, AuditRecord]:
@@ -122,13 +143,7 @@ def samples() -> dict[str, AuditRecord]:
             "bob",
             boot_time=BOOT,
         ),
-        "sample-held.json": record_for_outcome(
-            stray_outcome(Action.KILL, Result.SKIPPED, held="brake: 51 kills > 50 per sweep"),
-            SWEEP,
-            False,
-            "bob",
-            boot_time=BOOT,
-        ),
+        "sample-held.json": held_record(brake_held(), SWEEP, False, "bob", boot_time=BOOT),
         "sample-sweep.json": summary_record(
             SWEEP,
             dry_run=False,
@@ -240,6 +255,37 @@ def test_tally_feeds_summary() -> None:
     )
     assert s.fields["PRUNED_KILLED"] == "2" and s.fields["PRUNED_GONE"] == "1"
     assert "report-only: job source unreadable" in s.message and s.message.endswith("(dry run)")
+
+
+def test_what_the_brake_holds_is_one_record_per_uid() -> None:
+    """A held tree is one record per sweep (not one per process), naming its oldest root."""
+    first = brake_held()[0]
+    proc = replace(first.decision.proc, pid=5000, uid=30013)
+    other = replace(first, decision=replace(first.decision, proc=proc))
+    gone = stray_outcome(Action.KILL, Result.GONE, "gone before acting")
+    rail = stray_outcome(Action.KILL, Result.SKIPPED, "now in job 9's cgroup")  # a re-check
+    single, groups = group_held([*brake_held(), other, gone, rail])
+    assert single == [gone, rail]
+    assert [[o.decision.proc.pid for o in g] for g in groups] == [[4242, 4250, 4251], [5000]]
+    r = held_record(groups[0], "s", False, "bob")
+    assert (r.event, r.fields["PRUNED_PID"]) == ("action_held", "4242")
+    assert r.fields["PRUNED_HELD"] == BRAKE and r.fields["PRUNED_UID"] == "30012"
+    assert (r.fields["PRUNED_COUNT"], r.fields["PRUNED_TREES"]) == ("3", "1")
+    assert r.fields["PRUNED_TREE"] == "4242 4250 4251"
+    assert "one record for 3 processes of uid 30012 in 1 tree" in r.message
+    alone = held_record(groups[1], "s", False, None)
+    assert alone.fields["PRUNED_COUNT"] == "1" and "PRUNED_DETAIL" not in alone.fields
+    # the summary still counts processes
+    assert tally([r, alone])["action_held"] == 4
+
+
+def test_a_held_group_names_its_oldest_root() -> None:
+    a, b = brake_held()[0], brake_held()[1]  # b: the child of a, now made a root of its own
+    b = replace(b, decision=replace(b.decision, proc=replace(b.decision.proc, ppid=1)))
+    older = replace(b.decision.proc, starttime=a.decision.proc.starttime - 1)
+    b = replace(b, decision=replace(b.decision, proc=older))
+    r = held_record([a, b], "s", False, None)
+    assert r.fields["PRUNED_PID"] == "4250" and r.fields["PRUNED_TREES"] == "2"
 
 
 def test_default_fallback_path_in_checkout() -> None:

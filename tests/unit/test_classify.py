@@ -288,14 +288,6 @@ def test_adopt_newest_job_and_fallback() -> None:
     assert plan[700].action is Action.IGNORE
 
 
-def test_brake_trips_and_holds_every_kill() -> None:
-    pol = Policy(max_kills_per_sweep=2)
-    verdicts = classify(SNAP, JOBS, pol, FACTS)
-    sp = decide(SNAP, verdicts, JOBS, pol)
-    assert sp.brake and "max_kills_per_sweep=2" in sp.brake
-    assert not [d for d in sp.decisions if d.action is Action.KILL and d.held is None]
-
-
 def test_report_only_when_job_source_has_problems() -> None:
     jobs = replace(JOBS, problems=("slurmd is not running",))
     verdicts = classify(SNAP, jobs, Policy(), FACTS)
@@ -323,20 +315,6 @@ def test_root_exe_matches(exe, expected) -> None:
 
     paths = frozenset({"/usr/sbin/slurmstepd", "/usr/sbin/slurmstepd-wlm"})
     assert root_exe_matches(exe, paths) is expected
-
-
-def test_brake_counts_kills_already_spent_since_the_last_sweep() -> None:
-    """The event path acts in small batches that share one sweep's kill budget."""
-    from pruned.rules.decide import apply_brake
-
-    pol = Policy(max_kills_per_sweep=5)
-    verdicts = classify(SNAP, JOBS, pol, FACTS)
-    plan = decide(SNAP, verdicts, JOBS, Policy())  # every kill free, then budget one
-    one = type(plan)(tuple(d for d in plan.decisions if d.proc.pid == 700))
-    assert apply_brake(one, pol, already=4).brake is None
-    braked = apply_brake(one, pol, already=5)
-    assert braked.brake and "+5 since the last sweep" in braked.brake
-    assert all(d.held_by == "brake" for d in braked.decisions if d.action is Action.KILL)
 
 
 def test_a_cgroup_the_grammar_does_not_know_is_never_a_stray() -> None:

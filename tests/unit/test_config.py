@@ -221,7 +221,7 @@ def test_paths_are_normalised(tmp_path: Path) -> None:
 def test_directory_merge_order(tmp_path: Path) -> None:
     _write(
         tmp_path / "00-default.yaml",
-        "version: 1\nmode: enforce\nkill: {grace: 5s, max_per_sweep: 7}\n"
+        "version: 1\nmode: enforce\nkill: {grace: 5s, brake: {max_uids: 7}}\n"
         "batch_daemons: [/a, /b]\nwhitelist: {users: [x], sshd: false}\n",
     )
     _write(
@@ -237,7 +237,7 @@ def test_directory_merge_order(tmp_path: Path) -> None:
     policy = load_policy(tmp_path)
     assert policy.dry_run is False
     assert policy.kill_grace == 2.0  # later file, key by key
-    assert policy.max_kills_per_sweep == 7  # untouched key of a merged mapping survives
+    assert policy.brake_max_uids == 7  # untouched key of a merged mapping survives
     assert policy.batch_daemons == ("/c",)  # lists replace, never append
     assert policy.whitelist.users == ("y",) and policy.whitelist.sshd is False
     assert policy.sources == tuple(

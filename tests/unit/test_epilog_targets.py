@@ -88,4 +88,6 @@ def test_job_ids_in_environ() -> None:
     assert job_ids_in_environ(b"") == set()
     assert job_ids_in_environ(b"SLURM_JOB_ID=\0SLURM_JOB_ID") == set()
     got = job_ids_in_environ(b"SLURM_JOB_ID=\xff\xfe.batch")
-    assert got == {"\ufffd\ufffd", "\ufffd\ufffd.batch"}
+    # lossless: the bytes come back, and a bad value never equals another bad one
+    assert got == {"\udcff\udcfe", "\udcff\udcfe.batch"}
+    assert job_ids_in_environ(b"SLURM_JOB_ID=\xfe\xff") != got

@@ -1,47 +1,105 @@
-"""act.metrics.render: the node_exporter textfile, rendered from plain records (pure)."""
+"""act.metrics: the node_exporter textfile, rendered from the daemon's state (pure), read back
+with prometheus_client's own text parser."""
 
 from __future__ import annotations
 
-from pruned.act.metrics import SweepMetrics, render
+from collections import Counter
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pruned.act.metrics import ACTIONS, CLASSES, KINDS, RESULTS, MetricsState, SweepMetrics
 
 
-def samples(text: str) -> dict[str, str]:
-    """series -> value of every sample line; HELP/TYPE lines are checked separately."""
-    return dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+def parse(text: str) -> tuple[dict[str, str], dict[tuple[str, tuple], float]]:
+    """(family -> type, (sample name, sorted labels) -> value), by prometheus_client."""
+    types, values = {}, {}
+    for fam in text_string_to_metric_families(text):
+        types[fam.name] = fam.type
+        for s in fam.samples:
+            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return types, values
 
 
-def test_render_of_both_sweeps_and_totals() -> None:
-    proc = SweepMetrics(
-        "process", 1700000000.5, 0.25, {"stray": 2, "batch": 7},
-        {("kill", "done"): 2}, brake=False, report_only=True,
-    )  # fmt: skip
-    files = SweepMetrics("files", 1700000100.0, 1.5, files_removed=12, bytes_removed=4096)
-    text = render({"process": proc, "files": files}, {("kill", "done"): 5, ("adopt", "failed"): 1})
-    got = samples(text)
-    assert got['pruned_processes{class="batch"}'] == "7"
-    assert got['pruned_processes{class="stray"}'] == "2"
-    assert got['pruned_decisions{action="kill",result="done"}'] == "2"
-    assert got['pruned_actions_total{action="kill",result="done"}'] == "5"
-    assert got['pruned_actions_total{action="adopt",result="failed"}'] == "1"
-    assert got['pruned_sweep_duration_seconds{kind="process"}'] == "0.250000"
-    assert got['pruned_sweep_duration_seconds{kind="files"}'] == "1.500000"
-    assert got['pruned_last_sweep_timestamp_seconds{kind="process"}'] == "1700000000.500"
-    assert got["pruned_report_only"] == "1" and got["pruned_brake_tripped"] == "0"
-    assert got["pruned_files_removed"] == "12" and got["pruned_bytes_removed"] == "4096"
-    assert text.endswith("\n")
-    # every family has HELP and TYPE, and every sample belongs to a declared family
-    types = {ln.split()[2]: ln.split()[3] for ln in text.splitlines() if ln.startswith("# TYPE")}
-    assert types["pruned_actions_total"] == "counter"
-    assert {s.split("{")[0] for s in got} <= set(types)
+def conventions(text: str) -> list[str]:
+    """What breaks the naming conventions: HELP and TYPE for every family, right before its
+    samples; counters and only counters end in _total; timestamps and durations in seconds."""
+    bad, declared = [], {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            declared[name] = kind
+            if not lines[i - 1].startswith(f"# HELP {name} "):
+                bad.append(f"{name}: no HELP before TYPE")
+            if (kind == "counter") != name.endswith("_total"):
+                bad.append(f"{name}: {kind} named {'with' if kind != 'counter' else 'without'} "
+                           "_total")
+            if ("timestamp" in name or "duration" in name) and not name.endswith("_seconds"):
+                bad.append(f"{name}: not in seconds")
+        elif not line.startswith("#") and line.split("{")[0].split(" ")[0] not in declared:
+            bad.append(f"sample without TYPE: {line}")
+    return bad
 
 
-def test_render_before_any_sweep_and_label_escaping() -> None:
-    got = samples(render({}, {}))
-    assert got == {
-        "pruned_brake_tripped": "0",
-        "pruned_report_only": "0",
-        "pruned_files_removed": "0",
-        "pruned_bytes_removed": "0",
-    }
-    odd = SweepMetrics("process", 1.0, 0.0, {'a"b\\c\nd': 1})
-    assert 'pruned_processes{class="a\\"b\\\\c\\nd"} 1' in render({"process": odd}, {})
+def test_every_series_is_there_at_zero_before_any_sweep() -> None:
+    text = MetricsState("9.9.9", 1700000000.0).text()
+    assert conventions(text) == []
+    types, v = parse(text)
+    # the parser names a counter family without its _total
+    assert types["pruned_actions"] == "counter" and types["pruned_enforce"] == "gauge"
+    assert v[("pruned_build_info", (("version", "9.9.9"),))] == 1
+    for cls in CLASSES:
+        assert v[("pruned_processes", (("class", cls),))] == 0
+    for a in ACTIONS:
+        for r in RESULTS:
+            key = (("action", a), ("result", r))
+            assert v[("pruned_decisions", key)] == 0 and v[("pruned_actions_total", key)] == 0
+    for k in KINDS:
+        lab = (("kind", k),)
+        assert v[("pruned_sweeps_total", lab)] == 0
+        assert v[("pruned_sweep_last_success_timestamp_seconds", lab)] == 0
+        assert v[("pruned_sweep_duration_seconds", lab)] == 0
+    for r in RESULTS:
+        assert v[("pruned_cleanup_items_total", (("result", r),))] == 0
+    assert v[("pruned_start_time_seconds", ())] == 1700000000.0
+    assert v[("pruned_config_last_reload_successful", ())] == 1
+
+
+def test_sweeps_counters_and_reloads() -> None:
+    s = MetricsState("0.1.0", 1.0)
+    s.policy_applied(True, True, 100.0)
+    s.process_sweep(SweepMetrics("process", 200.5, 0.25, {"stray": 2, "batch": 7},
+                                 {("kill", "done"): 2}, report_only=True))
+    s.process_sweep(SweepMetrics("process", 260.5, 0.5, {"stray": 1}, {("kill", "done"): 1}))
+    s.event_actions({("kill", "done"): 4, ("adopt", "failed"): 1})
+    s.file_sweep(SweepMetrics("files", 300.0, 1.5, files_removed=12, bytes_removed=4096),
+                 Counter({"done": 3, "failed": 1}))
+    s.sweep_failed("files")
+    s.reload_rejected()
+    text = s.text()
+    assert conventions(text) == []
+    _, v = parse(text)
+    kd = (("action", "kill"), ("result", "done"))
+    assert v[("pruned_decisions", kd)] == 1  # the last sweep only
+    assert v[("pruned_actions_total", kd)] == 7  # both sweeps and the event path
+    assert v[("pruned_actions_total", (("action", "adopt"), ("result", "failed")))] == 1
+    assert v[("pruned_processes", (("class", "stray"),))] == 1
+    assert v[("pruned_processes", (("class", "batch"),))] == 0  # not left from the 1st sweep
+    assert v[("pruned_sweeps_total", (("kind", "process"),))] == 2
+    assert v[("pruned_sweep_duration_seconds", (("kind", "files"),))] == 1.5
+    assert v[("pruned_sweep_last_success_timestamp_seconds", (("kind", "process"),))] == 260.5
+    assert v[("pruned_sweep_failures_total", (("kind", "files"),))] == 1
+    assert v[("pruned_report_only", (("kind", "process"),))] == 0
+    assert v[("pruned_cleanup_removed_bytes_total", ())] == 4096
+    assert v[("pruned_cleanup_items_total", (("result", "failed"),))] == 1
+    assert v[("pruned_enforce", ())] == 1 and v[("pruned_cleanup_enabled", ())] == 1
+    assert v[("pruned_config_last_reload_successful", ())] == 0
+    assert v[("pruned_config_last_reload_success_timestamp_seconds", ())] == 100.0
+
+
+def test_label_values_are_escaped() -> None:
+    s = MetricsState('1"\\\n', 0.0)
+    s.process_sweep(SweepMetrics("process", 1.0, 0.0, {'a"b\\c\nd': 1}))
+    _, v = parse(s.text())
+    assert v[("pruned_processes", (("class", 'a"b\\c\nd'),))] == 1
+    assert v[("pruned_build_info", (("version", '1"\\\n'),))] == 1

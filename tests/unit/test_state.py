@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from pruned.jobs.history import HISTORY_FILE, IDLE_GRACE, JobHistory, JobRecord
+from pruned.jobs.history import HISTORY_FILE, IDLE_GRACE, JOURNAL_FILE, JobHistory, JobRecord
 from pruned.linux.atomic import write_json_atomic
 from pruned.model import Job, JobView
 
@@ -98,7 +98,7 @@ def test_save_and_load_round_trip_with_modes(tmp_path) -> None:
     assert os.stat(os.path.join(sd, HISTORY_FILE)).st_mode & 0o777 == 0o600
     again = JobHistory.load(sd)
     assert again.problems == [] and again.records() == h.records()
-    assert os.listdir(sd) == [HISTORY_FILE]  # no tmp file left behind
+    assert sorted(os.listdir(sd)) == [JOURNAL_FILE, HISTORY_FILE]  # no tmp file left behind
 
 
 def test_save_tightens_a_loose_state_dir(tmp_path) -> None:
@@ -125,7 +125,7 @@ def test_a_leftover_tmp_file_is_ignored_and_cleaned(tmp_path) -> None:
     os.utime(stale, (old, old))
     loaded = JobHistory.load(sd)
     assert loaded.problems == [] and [r.job_id for r in loaded.records()] == ["1"]
-    loaded.save()
+    loaded.remove_stale_tmp()  # the daemon's hourly housekeeping, and every compaction
     assert not os.path.exists(stale)  # an old leftover is removed
     assert os.path.exists(young)  # a young one may be a live writer's: kept
 
