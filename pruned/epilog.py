@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pruned import log
 from pruned.act.audit import AuditSink, error_text, event_record, make_sink
@@ -189,7 +189,10 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
     outcomes = execute(
         plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_jobs=own
     )
-    report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, obs, outcomes)
+    # Recorded with the epilog's own plan: the node-wide plan that observe() made (other
+    # uids' strays, its brake) is not what the epilog decided and must not be logged as such.
+    seen = replace(obs, plan=plan)
+    report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, seen, outcomes)
     audit_sweep(report, sink)  # what was killed is on record before anything else can fail
     for line in unreadable:
         log.warning(f"epilog of job {job_id}: {line}; not killed on the environment hint")

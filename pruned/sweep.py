@@ -313,18 +313,21 @@ def _act(
         by_pid = {d.proc.pid: d for d in ds}
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
+        trees = (roots, desc)
         if action is Action.KILL:
-            roots, desc = _merge_trees(roots, desc, by_pid)
-            extra = _gone_leaders(roots, desc, by_pid, snap, protected_pids(proc_root))
+            # One kill per job the uid's trees sit in; should it fail, the original trees
+            # are tried one by one, so a bad tree never takes the others with it.
+            trees = _merge_trees(roots, desc, by_pid)
+            extra = _gone_leaders(*trees, by_pid, snap, protected_pids(proc_root))
 
-            def run(rs, desc=desc, by_pid=by_pid, uid=uid, extra=extra):
-                return _kill(rs, desc, by_pid, uid, policy, dry_run, proc_root, extra)
+            def run(rs, ds, by_pid=by_pid, uid=uid, extra=extra):
+                return _kill(rs, ds, by_pid, uid, policy, dry_run, proc_root, extra)
         elif action is Action.ADOPT:
-            def run(rs, desc=desc, by_pid=by_pid, uid=uid, target=target):
-                return _adopt(rs, desc, by_pid, jobs, target, uid, dry_run, proc_root)
+            def run(rs, ds, by_pid=by_pid, uid=uid, target=target):
+                return _adopt(rs, ds, by_pid, jobs, target, uid, dry_run, proc_root)
         else:
             continue
-        outcomes += _act_isolated(action, roots, desc, by_pid, run)
+        outcomes += _act_isolated(action, trees, by_pid, run, split=(roots, desc))
     return outcomes
 
 
@@ -425,16 +428,22 @@ def internal_error_outcome(d: Decision, step: str, e: Exception) -> Outcome:
                    ((INTERNAL_ERROR_FIELD, text),))  # fmt: skip
 
 
-def _act_isolated(action: Action, roots: Sequence[Proc], desc: dict[int, list[int]],
-                  by_pid: dict[int, Decision], run) -> list[Outcome]:
-    """run(roots) for one group; on an unexpected error each tree is tried alone (a tree
-    already acted on comes back gone), so one bad tree is skipped, never the group."""
+def _act_isolated(action: Action, trees: tuple[Sequence[Proc], dict[int, list[int]]],
+                  by_pid: dict[int, Decision], run,
+                  split: tuple[Sequence[Proc], dict[int, list[int]]] | None = None,
+                  ) -> list[Outcome]:
+    """run(roots, desc) for one group; on an unexpected error each tree (of `split` if given:
+    the trees before merging) is tried alone (a tree already acted on comes back gone), so one
+    bad tree is skipped, never the group."""
+    roots, desc = trees
     try:
-        return run(roots)
+        return run(roots, desc)
     except Exception as e:
-        if len(roots) > 1:
-            log.bug(f"{action.value} of {len(roots)} trees failed; acting on each alone", e)
-            return [o for r in roots for o in _act_isolated(action, [r], desc, by_pid, run)]
+        alone = split if split is not None and len(split[0]) > 1 else trees
+        if len(alone[0]) > 1:
+            log.bug(f"{action.value} of {len(alone[0])} trees failed; acting on each alone", e)
+            return [o for r in alone[0]
+                    for o in _act_isolated(action, ([r], alone[1]), by_pid, run)]
         r = roots[0]
         log.bug(f"{action.value} of pid {r.pid}'s tree failed, skipped", e)
         return [internal_error_outcome(by_pid[p], action.value, e) for p in (r.pid, *desc[r.pid])]
