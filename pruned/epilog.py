@@ -145,7 +145,7 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
         plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_jobs=own
     )
     report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, obs, outcomes)
-    audit_sweep(report, sink)
+    audit_sweep(report, sink, job_id=job_id)
     for o in outcomes:
         d = o.decision
         print_fn(f"{o.result.value:<7} kill pid {d.proc.pid} ({d.proc.comm}): {d.reason}: "

@@ -352,9 +352,18 @@ def run_sweep(
     return report
 
 
-def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
-    """One record per reported outcome, the brake and report-only warnings, one summary."""
+def audit_sweep(report: SweepReport, sink: AuditSink, *, job_id: str | None = None) -> None:
+    """One record per reported outcome, the brake and report-only warnings, one summary.
+
+    `job_id`: the job the whole sweep is about (an epilog's): outcomes whose verdict names no
+    job (a stray outside every job cgroup) are recorded with it, so that
+    `journalctl PRUNED_JOB_ID=J` shows everything the epilog of J did."""
     obs, sid, dry = report.observation, report.sweep_id, report.dry_run
+
+    def job_of(o: Outcome) -> dict[str, str]:
+        named = o.decision.target_job or o.decision.verdict.job_id
+        return {"PRUNED_JOB_ID": job_id} if job_id and not named else {}
+
     records = [
         record_for_outcome(
             o,
@@ -363,7 +372,7 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
             user_name(o.decision.proc.uid),
             boot_time=obs.snap.boot_time,
             clk_tck=obs.snap.clk_tck,
-            extra=dict(o.fields),
+            extra={**job_of(o), **dict(o.fields)},
         )
         for o in report.outcomes
     ]

@@ -24,6 +24,29 @@ threads=$(field ThreadsPerCore)
 
 install -d -o slurm -g slurm -m 755 /var/lib/slurm /var/lib/slurm/slurmd /var/lib/slurm/slurmctld
 install -d -m 755 /etc/slurm
+# PrologFlags: Contain everywhere (pam_slurm_adopt needs the extern step); RunInJob (the
+# prolog/epilog run inside the job's extern step, so in its cgroup) exists from Slurm 23.11 on:
+# slurm.conf(5) of trixie's 24.11 and forky's 26.05 lists it, bookworm's 22.05 does not.
+case $(cat "$P/release" 2>/dev/null) in
+    bookworm) prolog_flags=Contain ;;
+    *) prolog_flags=Contain,RunInJob ;;
+esac
+# Epilog= as README "Slurm Prolog/Epilog" sets it up: a glob over a directory with pruned-epilog
+# beside the site's own scripts. The two witnesses around it record, for
+# scenarios/test_epilog.py, that they ran (22.05 stops the chain after a failing script) and
+# in which order (24.11+ run them in reverse name order).
+install -d -m 755 /etc/slurm/epilog.d
+ln -sfn /usr/sbin/pruned-epilog /etc/slurm/epilog.d/10-pruned
+for w in 05-vm-witness 95-vm-witness; do
+    cat >/etc/slurm/epilog.d/$w <<'EOF'
+#!/bin/sh
+# VM lane witness: that it ran, when, and how many of test_epilog's escaped daemons lived.
+n=$(pgrep -c -f '^vm_epi_daemon' 2>/dev/null)
+echo "$(basename "$0") job=$SLURM_JOB_ID daemons=${n:-0} t=$(date +%s.%N)" >>/run/pruned-vm-epilog.log
+exit 0
+EOF
+    chmod 755 /etc/slurm/epilog.d/$w
+done
 cat >/etc/slurm/slurm.conf <<EOF
 # Written by tests/vm/guest/setup.sh at boot.
 ClusterName=vm
@@ -35,7 +58,9 @@ StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmdSpoolDir=/var/lib/slurm/slurmd
 ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup
-PrologFlags=contain
+PrologFlags=$prolog_flags
+Epilog=/etc/slurm/epilog.d/*
+PrologEpilogTimeout=120
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SwitchType=switch/none
@@ -60,7 +85,9 @@ EOF
 # dave: a job whose slurmstepds are killed (its processes are left behind); erin: a job and a
 # stray that pruned adopts into it; frank: let in by pam_access but not whitelisted (a login
 # that bypassed adoption).
-USERS=(alice bob carol dave erin frank)
+# grace: test_epilog's jobs that leave a daemon behind; henry: test_cleanup's job that leaves
+# files; ivan (let in by pam_access) and judy (a job): test_pam_systemd's logins.
+USERS=(alice bob carol dave erin frank grace henry ivan judy)
 uid=2001
 for u in "${USERS[@]}"; do
     id "$u" >/dev/null 2>&1 || useradd -m -u "$uid" -s /bin/bash "$u"
@@ -85,6 +112,7 @@ EOF
 cat >/etc/security/access-pruned-vm.conf <<'EOF'
 +:carol:ALL
 +:frank:ALL
++:ivan:ALL
 -:ALL:ALL
 EOF
 # Right after the common account stack: the admin passes pam_access ("sufficient") and skips
@@ -98,6 +126,10 @@ fi
 # adopted session out of the job into a logind session scope. Keep it for other services.
 grep -v pam_systemd /etc/pam.d/common-session >/etc/pam.d/common-session-sshd
 sed -i 's/^@include[[:space:]]\+common-session$/@include common-session-sshd/' /etc/pam.d/sshd
+
+# man-db's dpkg trigger rebuilds the man page index on every (de)install: under TCG that costs
+# more than the rest of an apt run. Debian's switch for it; `man pruned` needs no index.
+rm -f /var/lib/man-db/auto-update
 
 # PRUNED_VM_DEBUG=1 on the host: a root shell on ttyS2 (a unix socket there), for looking
 # around a running guest. Never in a normal run.
