@@ -24,13 +24,12 @@ threads=$(field ThreadsPerCore)
 
 install -d -o slurm -g slurm -m 755 /var/lib/slurm /var/lib/slurm/slurmd /var/lib/slurm/slurmctld
 install -d -m 755 /etc/slurm
-# PrologFlags: Contain everywhere (pam_slurm_adopt needs the extern step); RunInJob (the
-# prolog/epilog run inside the job's extern step, so in its cgroup) exists from Slurm 23.11 on:
-# slurm.conf(5) of trixie's 24.11 and forky's 26.05 lists it, bookworm's 22.05 does not.
-case $(cat "$P/release" 2>/dev/null) in
-    bookworm) prolog_flags=Contain ;;
-    *) prolog_flags=Contain,RunInJob ;;
-esac
+# PrologFlags=Contain (pam_slurm_adopt needs the extern step). Not RunInJob, although
+# slurm.conf(5) of 24.11 and 26.05 lists it: with it the epilog runs inside the job's extern
+# slurmstepd, and a job whose slurmstepds died (scene.py's dave) then never completes --
+# slurmctld resends TERMINATE_JOB every 60 s, the job stays COMPLETING and the node takes no
+# further job (seen on trixie, tests/vm/README.md).
+prolog_flags=Contain
 # Epilog= as README "Slurm Prolog/Epilog" sets it up: a glob over a directory with pruned-epilog
 # beside the site's own scripts. The two witnesses around it record, for
 # scenarios/test_epilog.py, that they ran (22.05 stops the chain after a failing script) and

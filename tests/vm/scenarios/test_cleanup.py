@@ -48,7 +48,16 @@ def test_files_of_an_ended_job_go_those_of_a_running_job_stay(scene: Scene,
     wait_for(f"job {job} gone", lambda: job_state(job) == "", timeout=120)
     wait_for("henry's files removed", lambda: not any(p.exists() for p in (*LOOSE, job_dir)),
              timeout=120)
-    recs = journal_after(cursor, SYSLOG_IDENTIFIER="pruned", PRUNED_EVENT="files_removed")
+
+    def records() -> list[dict]:
+        return journal_after(cursor, SYSLOG_IDENTIFIER="pruned", PRUNED_EVENT="files_removed")
+
+    # A file sweep writes its records after the removals.
+    try:
+        recs = wait_for("files_removed records", lambda: (r := records()) and all(
+            removed(r, p) for p in (job_dir, *LOOSE)) and r, timeout=60)
+    except AssertionError:
+        recs = records()
     jd = removed(recs, job_dir)
     assert jd is not None and jd["PRUNED_JOB_ID"] == job, recs
     for p in LOOSE:

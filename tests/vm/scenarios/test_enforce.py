@@ -39,13 +39,28 @@ def record_of(recs: list[dict], p: Proc) -> dict | None:
     return None
 
 
+def wait_for_or_last(fn, last, timeout: float) -> list[dict]:
+    """fn's value once truthy; after timeout, last() (the tests then say what is missing)."""
+    try:
+        return wait_for("the daemon's process_killed records", fn, timeout=timeout)
+    except AssertionError:
+        return last()
+
+
 @pytest.fixture(scope="module")
 def kills(scene: Scene, enforcing: Daemon) -> dict[str, list[tuple[Proc, dict | None]]]:
     """The scene's strays with no job to adopt them into, once the daemon has killed them."""
     targets = [(role, p) for role in KILLED_ROLES for p in scene.roles[role]]
     wait_for("the scene's strays killed", lambda: not any(alive(p) for _r, p in targets),
              timeout=120)
-    recs = daemon_records(enforcing, PRUNED_EVENT="process_killed")
+
+    def recorded() -> list[dict] | None:
+        # A sweep writes its records once all its kills are done: after the deaths.
+        recs = daemon_records(enforcing, PRUNED_EVENT="process_killed")
+        return recs if all(record_of(recs, p) for _r, p in targets) else None
+
+    recs = wait_for_or_last(recorded, lambda: daemon_records(
+        enforcing, PRUNED_EVENT="process_killed"), timeout=60)
     out: dict[str, list[tuple[Proc, dict | None]]] = {}
     for role, p in targets:
         out.setdefault(role, []).append((p, record_of(recs, p)))
