@@ -193,7 +193,7 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
     # uids' strays, its brake) is not what the epilog decided and must not be logged as such.
     seen = replace(obs, plan=plan)
     report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, seen, outcomes)
-    audit_sweep(report, sink)  # what was killed is on record before anything else can fail
+    audit_sweep(report, sink, job_id=job_id)  # on record before anything else can fail
     for line in unreadable:
         log.warning(f"epilog of job {job_id}: {line}; not killed on the environment hint")
         print_fn(printable(f"pruned epilog: {line}; not killed on the environment hint"))

@@ -726,10 +726,19 @@ def survived_record(o: Outcome, sweep_id: str, *, reminder: bool, **fields: str)
                         wchan=wchan, reminder="yes" if reminder else "no")
 
 
-def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
+def audit_sweep(report: SweepReport, sink: AuditSink, *, job_id: str | None = None) -> None:
     """One record per reported outcome (one per uid for what the brake or report-only mode
-    held), the brake and report-only warnings, one summary."""
+    held), the brake and report-only warnings, one summary.
+
+    `job_id`: the job the whole sweep is about (an epilog's): outcomes whose verdict names no
+    job (a stray outside every job cgroup) are recorded with it, so that
+    `journalctl PRUNED_JOB_ID=J` shows everything the epilog of J did."""
     obs, sid, dry = report.observation, report.sweep_id, report.dry_run
+
+    def job_of(o: Outcome) -> dict[str, str]:
+        named = o.decision.target_job or o.decision.verdict.job_id
+        return {"PRUNED_JOB_ID": job_id} if job_id and not named else {}
+
     single, held_groups = group_held(report.outcomes)
     records: list[AuditRecord] = []
     for o in single:
@@ -754,7 +763,7 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
                 user_name(o.decision.proc.uid),
                 boot_time=obs.snap.boot_time,
                 clk_tck=obs.snap.clk_tck,
-                extra=dict(o.fields),
+                extra={**job_of(o), **dict(o.fields)},
             )
         except Exception as e:  # a bug in a builder: the deciding facts still go out
             log.bug(f"audit record of pid {o.decision.proc.pid} not built in full", e)

@@ -91,3 +91,27 @@ def test_job_ids_in_environ() -> None:
     # lossless: the bytes come back, and a bad value never equals another bad one
     assert got == {"\udcff\udcfe", "\udcff\udcfe.batch"}
     assert job_ids_in_environ(b"SLURM_JOB_ID=\xfe\xff") != got
+
+
+def test_epilog_records_name_the_job_also_for_strays_outside_it() -> None:
+    # `journalctl PRUNED_JOB_ID=J` must show everything the epilog of J did (README): a stray
+    # outside every job cgroup has no job of its own, so its record gets J; one in a job's
+    # cgroup keeps the job its verdict names.
+    from pruned.act.audit import ListSink
+    from pruned.model import Outcome, Result, SweepPlan
+    from pruned.sweep import SweepReport, audit_sweep
+
+    obs = observe()
+    got, _, _, _ = targets(obs, "10", BOB)
+    report = SweepReport("epilog-10-x", NOW, 0.0, False, replace(obs, plan=SweepPlan(())),
+                         [Outcome(got[700], Result.DONE), Outcome(got[710], Result.DONE)])
+    sink = ListSink()
+    audit_sweep(report, sink, job_id="10")
+    jobs = {r.fields["PRUNED_PID"]: r.fields.get("PRUNED_JOB_ID") for r in sink.records
+            if r.event == "process_killed"}
+    assert jobs == {"700": "10", "710": got[710].verdict.job_id}
+    assert got[700].verdict.job_id is None and got[710].verdict.job_id
+    sink = ListSink()
+    audit_sweep(report, sink)  # a daemon sweep is about no job
+    assert [r.fields.get("PRUNED_JOB_ID") for r in sink.records
+            if r.fields.get("PRUNED_PID") == "700"] == [None]

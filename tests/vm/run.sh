@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The VM lane (issue 10): for each Debian release, boot a real batch node under qemu -- systemd
 # as PID 1, pure cgroup v2, munge + slurmctld + slurmd (cgroup/v2) + sshd with pam_slurm_adopt,
-# all from their own units -- install pruned in it the way a site admin would (wheel, policy.d,
-# systemd/pruned.service), and run tests/vm/scenarios/ inside it with that release's pytest.
+# all from their own units -- install pruned in it the way a site admin would (the Debian
+# package scripts/build-deb.sh builds from this checkout, with apt, offline; then its upgrade
+# and purge), and run tests/vm/scenarios/ inside it with that release's pytest.
 #
 # Usage: bash tests/vm/run.sh [bookworm|trixie|forky|all]...      (as root; default: all)
 #
@@ -37,9 +38,6 @@ declare -A HOST_PKGS=(
     [flock]=util-linux
     [findmnt]=util-linux
 )
-# The wheel is built by Debian's own python3 with Debian's setuptools + wheel, offline
-# (the checkout's .venv has setuptools but no `wheel`, and build isolation would need PyPI).
-HOST_PY_PKGS=(python3-pip python3-setuptools python3-wheel)
 
 log() { printf 'vm: %s\n' "$*" >&2; }
 die() { printf 'vm: error: %s\n' "$*" >&2; exit 1; }
@@ -69,17 +67,10 @@ trap 'exit 143' TERM
 
 # ---- host -----------------------------------------------------------------------------------
 
-# Output captured before matching: with pipefail, `cmd | grep -q` fails when grep's early exit
-# SIGPIPEs cmd.
-pkg_installed() { [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null) == ii* ]]; }
-
 ensure_host_tools() {
     local missing=() cmd pkg
     for cmd in "${!HOST_PKGS[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("${HOST_PKGS[$cmd]}")
-    done
-    for pkg in "${HOST_PY_PKGS[@]}"; do
-        pkg_installed "$pkg" || missing+=("$pkg")
     done
     ((${#missing[@]})) || return 0
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -138,17 +129,22 @@ host_mirror() {
     echo "${uri%/}"
 }
 
-# The checkout as it is now (tracked and new files, not ignored ones) built into a wheel, in a
-# copy so the build leaves no build/ or *.egg-info in the checkout.
-build_wheel() {
-    local out=$1 src=$WORK/src
-    mkdir -p "$src" "$out"
-    (cd "$REPO" && git ls-files -z -co --exclude-standard) |
-        (cd "$REPO" && xargs -0 cp --parents -t "$src" 2>/dev/null) || true
-    [[ -f $src/pyproject.toml && -d $src/pruned ]] || die "could not copy the checkout to $src"
-    /usr/bin/python3 -m pip wheel -q --disable-pip-version-check --no-deps --no-index \
-        --no-build-isolation -w "$out" "$src" >"$WORK/wheel.log" 2>&1 ||
-        { cat "$WORK/wheel.log" >&2; die "building the pruned wheel failed"; }
+# The Debian package of the checkout as it is now (scripts/build-deb.sh copies the tree, so
+# the checkout stays clean; as root it installs missing build dependencies with apt), and the
+# same tree rebuilt as a higher version: the guest upgrades to it last. One package for every
+# release: Architecture: all, Python code in /usr/lib/python3/dist-packages (no python3.X
+# paths), Depends: python3 (>= 3.11) and Debian's python3-* modules.
+UPGRADE_SUFFIX=+vm1
+build_debs() {
+    local out=$1 upstream
+    mkdir -p "$out/install" "$out/upgrade"
+    upstream=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$REPO/pruned/__init__.py")
+    [[ -n $upstream ]] || die "no __version__ in $REPO/pruned/__init__.py"
+    bash "$REPO/scripts/build-deb.sh" --no-lintian --out "$out/install" >"$WORK/deb.log" 2>&1 &&
+        bash "$REPO/scripts/build-deb.sh" --no-lintian --version "$upstream$UPGRADE_SUFFIX" \
+            --out "$out/upgrade" >>"$WORK/deb.log" 2>&1 ||
+        { tail -n 30 "$WORK/deb.log" >&2; die "building the pruned package failed"; }
+    rm -f "$out"/*/*.buildinfo "$out"/*/*.changes "$out"/*/build.log
 }
 
 # ---- images ---------------------------------------------------------------------------------
@@ -204,16 +200,13 @@ ensure_image() {
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
 
-# The per-run payload: a small ext4 disk with the wheel, the scenarios, the guest scripts, the
-# policy and the unit, and an empty results/ the guest writes into.
+# The per-run payload: a small ext4 disk with the packages, the scenarios and the guest
+# scripts, and an empty results/ the guest writes into.
 make_payload() {
     local release=$1 run=$2 p=$2/payload
-    mkdir -p "$p/results" "$p/wheel" "$p/policies" "$p/systemd"
-    cp "$WORK"/wheel/*.whl "$p/wheel/"
-    cp -r "$HERE/guest" "$HERE/scenarios" "$p/"
+    mkdir -p "$p/results"
+    cp -r "$WORK/deb" "$HERE/guest" "$HERE/scenarios" "$p/"
     find "$p" -name __pycache__ -prune -exec rm -rf {} +
-    cp "$REPO/policies/default.yaml" "$p/policies/"
-    cp "$REPO/systemd/pruned.service" "$p/systemd/"
     echo "$release" >"$p/release"
     [[ ${PRUNED_VM_DEBUG:-} == 1 ]] && touch "$p/debug"
     truncate -s 256M "$run/payload.img"
@@ -368,7 +361,7 @@ main() {
     ensure_host_tools
     mirror=$(host_mirror)
     WORK=$(mktemp -d /var/tmp/pruned-vm.XXXXXX)
-    build_wheel "$WORK/wheel"
+    build_debs "$WORK/deb"
     for r in "${releases[@]}"; do
         run_release "$r" "$mirror" || failed+=("$r")
     done

@@ -45,30 +45,38 @@ fi
 cat "$R/info.txt"
 
 # ---- install pruned as a site admin would (README "Installing on a node") ------------------
-# pip puts the commands in /usr/local/bin; the shipped unit runs them from wherever its
-# ExecStart= says (the Debian package's /usr/sbin, or /usr/local/sbin), so link them there,
-# as README's install steps did with `ln -s`.
-link_commands() {
-    local dir cmd
-    dir=$(dirname "$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$P/systemd/pruned.service" | head -n1)")
-    for cmd in pruned pruned-epilog pruned-prolog; do
-        [[ -e $dir/$cmd ]] || ln -s "/usr/local/bin/$cmd" "$dir/$cmd"
-    done
+# The package built from the checkout, with apt and no network: it goes in only if Debian
+# packages already on the node (packages.txt) satisfy its Depends: the guest has no network
+# device, so apt cannot fetch anything (and --no-download breaks installing a .deb by path:
+# "Pathname to install is not absolute"). No pip, no compiler here.
+# Each step's output is kept in results/install/ for scenarios/test_package.py.
+I=$R/install
+mkdir -p "$I"
+step() {  # step NAME CMD...: run CMD, keep its output and exit status
+    local name=$1; shift
+    "$@" >"$I/$name.out" 2>&1
+    local rc=$?
+    echo "$rc" >"$I/$name.rc"
+    echo "run-scenarios: install: $name: exit $rc"
+    return "$rc"
 }
 install_pruned() {
-    python3 -m pip install -q --no-deps --no-index --break-system-packages \
-        --disable-pip-version-check "$P"/wheel/pruned-*.whl &&
-        link_commands &&
-        install -d -m 755 /etc/pruned/policy.d &&
-        install -m 644 "$P/policies/default.yaml" /etc/pruned/policy.d/00-default.yaml &&
-        install -m 644 "$P/scenarios/policy-vm.yaml" /etc/pruned/policy.d/50-vm.yaml &&
-        pruned check-config /etc/pruned/policy.d &&
-        install -m 644 "$P/systemd/pruned.service" /etc/systemd/system/ &&
-        systemctl daemon-reload &&
-        systemctl enable pruned.service
+    local deb
+    deb=$(ls "$P"/deb/install/pruned_*_all.deb) || return 1
+    step apt-install env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+        --no-install-recommends "$deb" || return 1
+    step version pruned --version
+    step man env MANPAGER=cat MANWIDTH=100 man pruned
+    step man-policy env MANPAGER=cat MANWIDTH=100 man pruned-policy
+    # The site's drop-in beside the shipped default (README: never edit the conffile).
+    install -m 644 "$P/scenarios/policy-vm.yaml" /etc/pruned/policy.d/50-vm.yaml
+    step check-config pruned check-config || return 1
+    step enable-now systemctl enable --now pruned.service || return 1
+    step dpkg-L dpkg -L pruned
 }
 if ! install_pruned; then
     echo "run-scenarios: installing pruned failed"
+    tail -n 20 "$I"/*.out
     echo "could not install pruned" >"$R/summary.txt"
     echo 1 >"$R/rc"
     exit 1

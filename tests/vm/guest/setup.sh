@@ -24,6 +24,28 @@ threads=$(field ThreadsPerCore)
 
 install -d -o slurm -g slurm -m 755 /var/lib/slurm /var/lib/slurm/slurmd /var/lib/slurm/slurmctld
 install -d -m 755 /etc/slurm
+# PrologFlags=Contain (pam_slurm_adopt needs the extern step). Not RunInJob, although
+# slurm.conf(5) of 24.11 and 26.05 lists it: with it the epilog runs inside the job's extern
+# slurmstepd, and a job whose slurmstepds died (scene.py's dave) then never completes --
+# slurmctld resends TERMINATE_JOB every 60 s, the job stays COMPLETING and the node takes no
+# further job (seen on trixie, tests/vm/README.md).
+prolog_flags=Contain
+# Epilog= as README "Slurm Prolog/Epilog" sets it up: a glob over a directory with pruned-epilog
+# beside the site's own scripts. The two witnesses around it record, for
+# scenarios/test_epilog.py, that they ran (22.05 stops the chain after a failing script) and
+# in which order (24.11+ run them in reverse name order).
+install -d -m 755 /etc/slurm/epilog.d
+ln -sfn /usr/sbin/pruned-epilog /etc/slurm/epilog.d/10-pruned
+for w in 05-vm-witness 95-vm-witness; do
+    cat >/etc/slurm/epilog.d/$w <<'EOF'
+#!/bin/sh
+# VM lane witness: that it ran, when, and how many of test_epilog's escaped daemons lived.
+n=$(pgrep -c -f '^vm_epi_daemon' 2>/dev/null)
+echo "$(basename "$0") job=$SLURM_JOB_ID daemons=${n:-0} t=$(date +%s.%N)" >>/run/pruned-vm-epilog.log
+exit 0
+EOF
+    chmod 755 /etc/slurm/epilog.d/$w
+done
 cat >/etc/slurm/slurm.conf <<EOF
 # Written by tests/vm/guest/setup.sh at boot.
 ClusterName=vm
@@ -35,7 +57,9 @@ StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmdSpoolDir=/var/lib/slurm/slurmd
 ProctrackType=proctrack/cgroup
 TaskPlugin=task/cgroup
-PrologFlags=contain
+PrologFlags=$prolog_flags
+Epilog=/etc/slurm/epilog.d/*
+PrologEpilogTimeout=120
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SwitchType=switch/none
@@ -60,7 +84,9 @@ EOF
 # dave: a job whose slurmstepds are killed (its processes are left behind); erin: a job and a
 # stray that pruned adopts into it; frank: let in by pam_access but not whitelisted (a login
 # that bypassed adoption).
-USERS=(alice bob carol dave erin frank)
+# grace: test_epilog's jobs that leave a daemon behind; henry: test_cleanup's job that leaves
+# files; ivan (let in by pam_access) and judy (a job): test_pam_systemd's logins.
+USERS=(alice bob carol dave erin frank grace henry ivan judy)
 uid=2001
 for u in "${USERS[@]}"; do
     id "$u" >/dev/null 2>&1 || useradd -m -u "$uid" -s /bin/bash "$u"
@@ -85,6 +111,7 @@ EOF
 cat >/etc/security/access-pruned-vm.conf <<'EOF'
 +:carol:ALL
 +:frank:ALL
++:ivan:ALL
 -:ALL:ALL
 EOF
 # Right after the common account stack: the admin passes pam_access ("sufficient") and skips
@@ -98,6 +125,10 @@ fi
 # adopted session out of the job into a logind session scope. Keep it for other services.
 grep -v pam_systemd /etc/pam.d/common-session >/etc/pam.d/common-session-sshd
 sed -i 's/^@include[[:space:]]\+common-session$/@include common-session-sshd/' /etc/pam.d/sshd
+
+# man-db's dpkg trigger rebuilds the man page index on every (de)install: under TCG that costs
+# more than the rest of an apt run. Debian's switch for it; `man pruned` needs no index.
+rm -f /var/lib/man-db/auto-update
 
 # PRUNED_VM_DEBUG=1 on the host: a root shell on ttyS2 (a unix socket there), for looking
 # around a running guest. Never in a normal run.

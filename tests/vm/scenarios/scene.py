@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vmlib import (
     LONG,
@@ -244,6 +245,14 @@ def job_dirs_listing() -> list[str]:
     return out
 
 
+def prolog_flags() -> str:
+    """PrologFlags= of this boot's slurm.conf (guest/setup.sh: per release)."""
+    for line in Path("/etc/slurm/slurm.conf").read_text().splitlines():
+        if line.startswith("PrologFlags="):
+            return line.split("=", 1)[1].strip()
+    return "?"
+
+
 def write_cgroup_paths(s: Scene, path: os.PathLike[str] | str) -> str:
     """The fixture for the path grammar: every process of the scene with its real cgroup lines,
     and the directories Slurm made. Returns the text written."""
@@ -254,8 +263,8 @@ def write_cgroup_paths(s: Scene, path: os.PathLike[str] | str) -> str:
         f"# Debian {info.get('debian', '?')} ({info.get('codename', '?')}), "
         f"Slurm {info.get('slurm', '?')}, systemd {info.get('systemd', '?')}, "
         f"kernel {info.get('kernel', '?')}, cgroup {info.get('cgroup', '?')}",
-        "# slurm.conf: ProctrackType=proctrack/cgroup TaskPlugin=task/cgroup PrologFlags=contain;"
-        " cgroup.conf: CgroupPlugin=cgroup/v2",
+        "# slurm.conf: ProctrackType=proctrack/cgroup TaskPlugin=task/cgroup "
+        f"PrologFlags={prolog_flags()}; cgroup.conf: CgroupPlugin=cgroup/v2",
         f"# node {os.uname().nodename}; alice's job {s.alice_job} in cgroup dir {s.alice_dir}; "
         f"dave's job {s.dave_job} in cgroup dir {s.dave_dir}, its slurmstepds SIGKILLed, then "
         f"scancel (state now {s.dave_state or 'gone'})",
