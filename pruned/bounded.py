@@ -17,10 +17,12 @@ write records after the parent's verdict), then `exit` with the body's result or
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -56,6 +58,17 @@ class _PipeSink:
                                record.message]})
 
 
+class _PipeText(io.TextIOBase):
+    """sys.stderr of the child: each write is a message to the parent."""
+
+    def __init__(self, send: Callable[[dict], None]) -> None:
+        self._send = send
+
+    def write(self, text: str) -> int:
+        self._send({"stderr": text})
+        return len(text)
+
+
 def _child(w: int, body: Callable[[AuditSink, Callable[[str], None]], int]) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -66,6 +79,9 @@ def _child(w: int, body: Callable[[AuditSink, Callable[[str], None]], int]) -> N
         while data:
             data = data[os.write(w, data):]
 
+    # Log lines (log.py writes them to sys.stderr when journald is not there) go to the
+    # parent too: with fd 2 on /dev/null they would be lost exactly when nothing else keeps them.
+    sys.stderr = _PipeText(send)
     code = 70
     try:
         send({"exit": body(_PipeSink(send), lambda line: send({"print": line}))})
@@ -121,6 +137,9 @@ def run_bounded(
                 msg = json.loads(line)
                 if "print" in msg:
                     print_fn(msg["print"])
+                elif "stderr" in msg:
+                    sys.stderr.write(msg["stderr"])
+                    sys.stderr.flush()
                 elif "record" in msg:
                     event, prio, fields, message = msg["record"]
                     emit(sink, AuditRecord(event, prio, fields, message))
