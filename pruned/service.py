@@ -42,6 +42,7 @@ from pruned.jobs.source import read_jobs
 from pruned.linux import connector as events
 from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
+from pruned.linux.proccache import ProcCache
 from pruned.model import JobView, Policy, Result
 from pruned.policy import lastgood
 from pruned.policy.facts import NodeFacts, resolve_facts
@@ -139,6 +140,8 @@ class Daemon:
         self.watcher: events.EventWatcher | None = None
         self.reactor: Reactor | None = None
         self.events_note = ""
+        # The last sweep's records, for steady-state sweeps while events run (proccache).
+        self.proc_cache = ProcCache(policy.full_sweep_interval)
 
     # ------------------------------------------------------------ jobs
 
@@ -175,7 +178,8 @@ class Daemon:
         policy, facts, sink = self.context()
         try:
             with self.act_lock:
-                report = run_sweep(policy, facts, sink, uids=self.uids)
+                self.proc_cache.full_every = policy.full_sweep_interval
+                report = run_sweep(policy, facts, sink, uids=self.uids, cache=self.proc_cache)
         except Exception:
             self.metrics.sweep_failed("process")
             self.write_metrics()
@@ -269,10 +273,19 @@ class Daemon:
             return
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
                                on_report=self.on_event_report).start()
-        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost).start()
+        self.watcher = events.EventWatcher(self.on_pids, self.on_lost).start()
+        self.proc_cache.attach()  # listening now: the next full sweep can found the cache
         self.events_note = "events on"
 
+    def on_pids(self, changed: set[int], exited: set[int]) -> None:
+        """One event batch (watcher thread, never blocks): for the cache, then the reactor."""
+        self.proc_cache.mark(changed, exited)
+        reactor = self.reactor
+        if reactor is not None:
+            reactor.on_pids(changed, exited)
+
     def stop_events(self) -> None:
+        self.proc_cache.detach()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
@@ -282,6 +295,7 @@ class Daemon:
 
     def on_lost(self, reason: str) -> None:
         """Events were lost: a full sweep right now catches whatever they would have shown."""
+        self.proc_cache.lost(reason)
         self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
         # At most one resync waits; a loss during a running resync queues one more (a job id
         # with max_instances would instead skip it while the first still runs).

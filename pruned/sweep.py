@@ -38,6 +38,7 @@ from pruned.jobs.slurmpath import slurm_lines, unknown_lines
 from pruned.jobs.source import JobSource, read_jobs
 from pruned.jobs.statedir import StateDirSource
 from pruned.linux import exeid, procfs
+from pruned.linux.proccache import ProcCache
 from pruned.linux.users import user_name
 from pruned.model import (
     Action,
@@ -101,12 +102,18 @@ def observe(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    cache: ProcCache | None = None,
 ) -> Observation:
-    """Read the node and decide, without acting: what scan, explain and every sweep start with."""
+    """Read the node and decide, without acting: what scan, explain and every sweep start with.
+
+    `cache`: the daemon's ProcCache (steady-state sweeps re-read only what changed).
+    """
     known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
     exes = known_exes(policy)
-    snap = pin_host_exes(procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe)), exes,
-                         proc_root)  # fmt: skip
+    exe_all = bool(policy.whitelist.exe)
+    raw = (procfs.snapshot(proc_root, exe_all=exe_all) if cache is None
+           else cache.snapshot(proc_root, exe_all=exe_all))  # fmt: skip
+    snap = pin_host_exes(raw, exes, proc_root)
     jobs = read_jobs(make_sources(policy) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
     plan = decide(
@@ -420,13 +427,14 @@ def run_sweep(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    cache: ProcCache | None = None,
 ) -> SweepReport:
     """Observe, decide, act (or would), and write one audit record per decision + a summary."""
     dry = policy.dry_run if dry_run is None else dry_run
     t0 = time.monotonic()
     started = time.time()
     sweep_id = new_sweep_id()
-    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root)
+    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root, cache=cache)
     outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root)
     report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
     audit_sweep(report, sink)
