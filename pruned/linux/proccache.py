@@ -101,6 +101,11 @@ class ProcCache:
             self._changed.update(changed)
             self._exited.update(exited)
 
+    def marked(self) -> set[int]:
+        """The pids marked (changed or exited) since the last sweep began."""
+        with self._lock:
+            return self._changed | self._exited
+
     # ------------------------------------------------------------ the sweep's side
 
     def snapshot(self, proc_root: str = "/proc", *, exe_all: bool = False) -> Snapshot:
