@@ -59,12 +59,15 @@ from pruned.rules.classify import classify
 from pruned.rules.decide import decide, recheck
 
 
-def make_sources(policy: Policy) -> list[JobSource]:
-    """The job sources the policy names, in its order."""
+def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSource]:
+    """The job sources the policy names, in its order. `cache`: the ProcCache of the
+    snapshot just taken (its memo spares the Slurm source's walk for unchanged processes)."""
     out: list[JobSource] = []
     for name in policy.job_sources:
         if name == "slurm":
-            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd))
+            memo = None if cache is None else (cache.unchanged, cache.memo("slurm.not_stepd"))
+            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd,
+                                         memo=memo))  # fmt: skip
         elif name == "statedir":
             out.append(StateDirSource(policy.state_dir))
     return out
@@ -114,7 +117,7 @@ def observe(
     raw = (procfs.snapshot(proc_root, exe_all=exe_all) if cache is None
            else cache.snapshot(proc_root, exe_all=exe_all))  # fmt: skip
     snap = pin_host_exes(raw, exes, proc_root)
-    jobs = read_jobs(make_sources(policy) if sources is None else sources)
+    jobs = read_jobs(make_sources(policy, cache) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
     plan = decide(
         snap,

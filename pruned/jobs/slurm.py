@@ -89,6 +89,7 @@ class SlurmCgroupSource:
         search_v2: bool = True,
         find_outside_stepds: bool = True,
         stepd_grace: float = 10.0,
+        memo: tuple[Callable[[int], bool], dict] | None = None,
     ) -> None:
         self.cgroup_root = cgroup_root.rstrip("/") or "/"
         self.stepd_paths = frozenset(stepd_paths)
@@ -98,6 +99,11 @@ class SlurmCgroupSource:
         self.v2_scopes = tuple(s.rstrip("/") for s in v2_scopes)
         self.search_v2 = search_v2
         self.find_outside_stepds = find_outside_stepds
+        # (unchanged, store) of the daemon's ProcCache (pruned.linux.proccache): the walk for
+        # outside stepds skips a pid it found not to be a root stepd last time while the
+        # cache says nothing happened to it since (becoming one takes an exec or a uid
+        # change, and either marks it). The store is emptied whenever the cache is not trusted.
+        self.memo = memo
         self.stepd_grace = stepd_grace
 
     def read(self) -> JobView:
@@ -343,15 +349,27 @@ class _SlurmRead:
     def _outside_stepds(self) -> list[int]:
         """Live root slurmstepds older than the grace in no job cgroup and no `system` slot."""
         out = []
+        unchanged, store = self.src.memo if self.src.memo is not None else (None, {})
+        # Verdicts of the last walk hold for the stepd paths (resolved) it looked for only.
+        same = store.get("paths") == self.stepd_paths
+        before: set[int] = store.get("not_stepd", set()) if same else set()
+        not_stepd: set[int] = set()
         for pid in self._pids():
             if pid in self.members or pid in self.infra_pids:
+                continue  # not judged, so never remembered: it may leave the cgroup
+            if pid in before and unchanged is not None and unchanged(pid):
+                not_stepd.add(pid)
                 continue
-            if self._live_root_with_exe(pid, self.stepd_paths):
+            if not self._live_root_with_exe(pid, self.stepd_paths):
+                not_stepd.add(pid)
+            else:
                 st = procfs.read_stat(pid, self.src.proc_root)
                 age = None if st is None else procfs.age_of(st.starttime, self.src.proc_root)
                 # A new stepd runs for a moment before it moves itself into its job cgroup.
                 if age is None or age >= self.src.stepd_grace:
                     out.append(pid)
+        if self.src.memo is not None:
+            store["paths"], store["not_stepd"] = self.stepd_paths, not_stepd
         return out
 
     def _infer_uid(self, acc: _JobAcc) -> int | None:

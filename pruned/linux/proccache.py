@@ -72,6 +72,8 @@ class ProcCache:
         self._exited: set[int] = set()
         self._carry: set[int] = set()  # re-read again next time (parent not settled yet)
         self._rooted: set[int] = set()  # root-owned or unverified: re-read every sweep
+        self._fresh: set[int] | None = None  # re-read by the last snapshot; None: all were
+        self._memos: dict[str, dict] = {}
         self.last: SweepRead | None = None
 
     # ------------------------------------------------------------ the watcher's side
@@ -88,18 +90,35 @@ class ProcCache:
             self._listening = False
             self._broken = "events off"
             self._procs = None
+            self._fresh = None
+            self._memos = {}
             self._changed, self._exited = set(), set()
 
     def lost(self, reason: str) -> None:
         """Events were lost: the next sweep reads everything."""
         with self._lock:
             self._broken = f"events lost ({reason})"
+            self._fresh = None
+            self._memos = {}
 
     def mark(self, changed: Iterable[int], exited: Iterable[int]) -> None:
         """One batch from the watcher: pids with fork/exec/uid/sid events, pids that exited."""
         with self._lock:
             self._changed.update(changed)
             self._exited.update(exited)
+
+    def unchanged(self, pid: int) -> bool:
+        """pid's record in the last snapshot was kept from the one before, unchanged by
+        anything the events report (False after a full read, and for pids it did not list)."""
+        fresh = self._fresh
+        procs = self._procs
+        return fresh is not None and procs is not None and pid in procs and pid not in fresh
+
+    def memo(self, name: str) -> dict:
+        """A store for a reader that, like this cache, re-checks only unchanged() is False
+        (the Slurm source's walk for root slurmstepds): emptied whenever the cache is not
+        trusted (every full read, a loss, a detach), so it never outlives the reasoning."""
+        return self._memos.setdefault(name, {})
 
     def marked(self) -> set[int]:
         """The pids marked (changed or exited) since the last sweep began."""
@@ -128,6 +147,8 @@ class ProcCache:
             if why:
                 self._broken = ""
                 self._procs = None  # do not hold two tables while the full one is read
+                self._fresh = None
+                self._memos = {}
                 old = None
                 if self._listening:
                     self._full_at = now
@@ -138,7 +159,7 @@ class ProcCache:
             n = len(procs)
             if self._listening:
                 self._store(key, procs, self._unsettled(procs, procs, exited),
-                            self._rooted_of(procs, procs))
+                            self._rooted_of(procs, procs), None)
             self.last = SweepRead(True, why, n, 0)
             return snap
         assert old is not None
@@ -147,11 +168,14 @@ class ProcCache:
         return snap
 
     def _store(self, key: tuple[str, bool], procs: dict[int, Proc], carry: set[int],
-               rooted: set[int]) -> None:
+               rooted: set[int], fresh: set[int] | None) -> None:
         with self._lock:
             if not self._listening or self._broken:
+                self._fresh = None
+                self._memos = {}
                 return  # a loss or a detach during this read: nothing to build on
             self._procs = procs
+            self._fresh = fresh
             self._key = key
             self._carry = carry
             self._rooted = rooted
@@ -236,7 +260,7 @@ class ProcCache:
             os.close(dfd)
             if gc_was_enabled:
                 gc.enable()
-        self._store((proc_root, exe_all), procs, unsettled, rooted)
+        self._store((proc_root, exe_all), procs, unsettled, rooted, set(fresh))
         snap = Snapshot(
             procs=procs,
             taken_at=taken_at,

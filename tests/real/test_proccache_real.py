@@ -257,3 +257,57 @@ def test_moves_into_and_out_of_a_job_cgroup_are_seen(watched: Watched, procs, us
         assert cls() is ProcClass.STRAY
     finally:
         cg.cleanup()
+
+
+def test_the_outside_stepd_walk_skips_only_unchanged_non_stepds(watched: Watched, procs, user_a,
+                                                                bins, monkeypatch) -> None:  # noqa: F811
+    """The Slurm source's walk for root slurmstepds outside every job cgroup reads each
+    process's exe; with the cache it skips the ones it cleared last time and nothing has
+    happened to since, and still reads the stepd's."""
+    import secrets
+
+    from pruned.jobs import slurm
+    from pruned.linux import procfs
+    from pruned.model import SlurmSource
+
+    if not all(os.path.isdir(f"{CG}/{c}") for c in V1_CTRLS):
+        pytest.skip("needs cgroup v1 freezer+cpuset")
+    cg = Cgroups()
+    root = f"slurm_prt{secrets.token_hex(3)}"
+    job = str(7_000_000 + secrets.randbelow(2_000_000))
+    try:
+        member = cg.start(["sleep", "610"], user_a)
+        cg.put(member, *(f"{CG}/{c}/{root}/uid_{user_a.uid}/job_{job}/step_0" for c in V1_CTRLS))
+        outside = cg.start([bins["stepd"], "611"])  # a root "slurmstepd" in no job cgroup
+        plain = cg.start(["sleep", "612"], user_a)  # an ordinary user process, no cgroup
+        policy = Policy(slurm=SlurmSource(stepd=(bins["stepd"],)))
+        facts = resolve_facts(policy)
+        read: list[int] = []
+        real_read_exe = procfs.read_exe
+
+        def counting(pid: int, proc_root: str = "/proc"):
+            read.append(pid)
+            return real_read_exe(pid, proc_root)
+
+        monkeypatch.setattr(procfs, "read_exe", counting)
+        # Only the walk under test reads exes: slurmd as if found through its pidfile (without
+        # one, that search is a walk of its own, of every pid, with or without the cache).
+        monkeypatch.setattr(slurm._SlurmRead, "_slurmd_alive", lambda self: True)
+
+        def problems() -> str:
+            read.clear()
+            return " ".join(observe(policy, facts, cache=watched.cache).jobs.problems)
+
+        problems()  # founds the cache: a full read, every pid walked
+        assert outside in read and plain in read
+        time.sleep(0.2)
+        problems()  # consumes the marks of the processes just started
+        problems()
+        assert watched.cache.last is not None
+        if watched.cache.last.full:
+            pytest.skip("events were lost meanwhile (a busy machine): nothing was skipped")
+        # (too young to count as a problem: stepd_grace; judged again every time all the same)
+        assert outside in read
+        assert plain not in read  # cleared last time, unchanged since: skipped
+    finally:
+        cg.cleanup()
