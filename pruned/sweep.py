@@ -65,7 +65,7 @@ def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSour
     out: list[JobSource] = []
     for name in policy.job_sources:
         if name == "slurm":
-            memo = None if cache is None else (cache.unchanged, cache.memo("slurm.not_stepd"))
+            memo = None if cache is None else (cache.unchanged, cache.memo("slurm"))
             out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd,
                                          memo=memo))  # fmt: skip
         elif name == "statedir":
