@@ -125,6 +125,7 @@ class _SlurmRead:
         self._status: dict[int, StatusFields | None] = {}
         self._stepd: dict[int, bool] = {}
         self._exe_denied = False
+        self._pid_list: list[int] | None = None
 
     # -------------------------------------------------------- top level
 
@@ -343,7 +344,10 @@ class _SlurmRead:
         return bool(self._walk_for(self.slurmd_paths, "slurmd", first=True))
 
     def _pids(self) -> list[int]:
-        return procfs.list_pids(self.src.proc_root)
+        """The pids in /proc, listed once per read (both walks of _finish use them)."""
+        if self._pid_list is None:
+            self._pid_list = procfs.list_pids(self.src.proc_root)
+        return self._pid_list
 
     def _walk_for(self, paths: frozenset[str], key: str, *, first: bool = False,
                   skip: Collection[int] = ()) -> list[int]:
