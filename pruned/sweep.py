@@ -66,8 +66,8 @@ def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSour
     for name in policy.job_sources:
         if name == "slurm":
             memo = None if cache is None else (cache.unchanged, cache.memo("slurm"))
-            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd,
-                                         memo=memo))  # fmt: skip
+            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd, memo=memo,
+                                         pids=None if cache is None else cache.listed))
         elif name == "statedir":
             out.append(StateDirSource(policy.state_dir))
     return out

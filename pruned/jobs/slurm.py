@@ -90,6 +90,7 @@ class SlurmCgroupSource:
         find_outside_stepds: bool = True,
         stepd_grace: float = 10.0,
         memo: tuple[Callable[[int], bool], dict] | None = None,
+        pids: Callable[[], Collection[int] | None] | None = None,
     ) -> None:
         self.cgroup_root = cgroup_root.rstrip("/") or "/"
         self.stepd_paths = frozenset(stepd_paths)
@@ -103,6 +104,9 @@ class SlurmCgroupSource:
         # for slurmd and for outside stepds skip what they cleared last time (_walk_for).
         # The store is emptied whenever the cache is not trusted.
         self.memo = memo
+        # The pids of the snapshot this read goes with, instead of listing /proc again (a
+        # process that started since gets no verdict this sweep either); None: list /proc.
+        self.pids = pids
         self.stepd_grace = stepd_grace
 
     def read(self) -> JobView:
@@ -346,7 +350,8 @@ class _SlurmRead:
     def _pids(self) -> list[int]:
         """The pids in /proc, listed once per read (both walks of _finish use them)."""
         if self._pid_list is None:
-            self._pid_list = procfs.list_pids(self.src.proc_root)
+            got = self.src.pids() if self.src.pids is not None else None
+            self._pid_list = list(got) if got is not None else procfs.list_pids(self.src.proc_root)
         return self._pid_list
 
     def _walk_for(self, paths: frozenset[str], key: str, *, first: bool = False,

@@ -35,7 +35,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from pruned.linux import procfs
@@ -113,6 +113,11 @@ class ProcCache:
         fresh = self._fresh
         procs = self._procs
         return fresh is not None and procs is not None and pid in procs and pid not in fresh
+
+    def listed(self) -> Collection[int] | None:
+        """The pids of the last snapshot while the cache holds it (None otherwise)."""
+        procs = self._procs
+        return None if procs is None else procs.keys()
 
     def memo(self, name: str) -> dict:
         """A store for a reader that, like this cache, re-checks only unchanged() is False
