@@ -206,6 +206,10 @@ class Daemon:
 
     def status(self, report: SweepReport) -> str:
         s = report.summary()
+        read = self.proc_cache.last
+        if read is not None:  # steady-state sweeps: how this one read /proc
+            s += (f"; full read ({read.why})" if read.full
+                  else f"; incremental read: {read.reread} re-read, {read.kept} kept")
         if self.events_note:
             s += f"; {self.events_note}"
         return s[:1000].replace("\n", " ")
