@@ -11,7 +11,8 @@ process is classified and none is acted on, as bench_daemon.py's cost runs), twi
 first report kept alive (the daemon holds the last sweep while the next runs), then the
 file cleanup the daemon's file sweep runs, `pruned.act.remove.execute_cleanup`, of a job
 directory holding W files (dry-run, then real). It reports ru_maxrss after each step
-against the unit's MemoryMax.
+against the unit's MemoryMax. A second child per N runs the daemon's model with events on
+(daemon_child): a ProcCache between sweeps, each report dropped once handled.
 
     sudo .venv/bin/python bench/bench_memory.py [--procs 1000,20000,100000] [--files 1000000]
 """
