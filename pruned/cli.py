@@ -223,11 +223,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     dry = True if args.dry_run else None
     if dry is None and not policy.dry_run:
         _need_root("an enforcing sweep")
+    from pruned.act.adopt import AdoptFailures
+    from pruned.lineage import LineageMemory
+
     sink = _sink(policy)
     uids = set(args.uids) if args.uids else None
+    # Without --once, one memory for the whole loop, as the daemon keeps it.
+    lineage, failures = LineageMemory(), AdoptFailures()
 
     def once() -> int:
-        report = run_sweep(policy, resolve_facts(policy), sink, dry_run=dry, uids=uids)
+        report = run_sweep(policy, resolve_facts(policy), sink, dry_run=dry, uids=uids,
+                           lineage=lineage, adopt_failures=failures)
         for o in report.outcomes:
             d = o.decision
             print(f"{o.result.value:<7} {d.action.value:<6} pid {d.proc.pid} "

@@ -23,11 +23,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pruned import log
 from pruned.act.audit import AuditSink, error_text, event_record, make_sink
 from pruned.act.guard import protected_pids
+from pruned.bounded import Abandoned, ChildError, run_bounded
 from pruned.exitcodes import EX_FAILED, EX_OK
 from pruned.filesweep import emit_file_record, execute_isolated
 from pruned.jobs.history import JobHistory, JobRecord
@@ -121,31 +122,45 @@ def run_epilog(
     sink: AuditSink,
     proc_root: str = "/proc",
     print_fn: Callable[[str], None] = print,
+    started: float | None = None,
 ) -> int:
     """Kill what job_id left, remove its per-job dirs, record it ended; `epilog_exit`'s code.
 
-    Bounded in time (kill.grace + EPILOG_SLACK): running out records `epilog_timeout` and
-    returns 0 — Slurm's own timeout (PrologEpilogTimeout) drains the node, ours must not.
+    Bounded in time: kill.grace + EPILOG_SLACK from `started` (the command's monotonic
+    start; default now). The work runs in a forked child (pruned.bounded) because a file
+    walk on a hung filesystem cannot be interrupted by any signal: at the deadline the
+    child is abandoned (SIGKILL; it dies when the kernel lets go), `epilog_timeout` is
+    recorded with where it was blocked, and this returns 0 — Slurm's own timeout
+    (PrologEpilogTimeout) drains the node, ours must not.
     """
     budget = policy.kill_grace + EPILOG_SLACK
-    t0 = time.monotonic()
-    before = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(int(budget) + 1)
+    t0 = time.monotonic() if started is None else started
+
+    def body(child_sink: AuditSink, child_print: Callable[[str], None]) -> int:
+        return _epilog(policy, job_id, uid, user, dry_run, child_sink, proc_root, child_print)
+
     try:
-        return _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn)
-    except EpilogTimeout as e:
-        signal.alarm(0)
-        msg = (f"epilog of job {job_id} (uid {uid}) stopped: {e} after {budget:.0f}s "
-               f"(kill.grace + {EPILOG_SLACK:.0f}s); exiting 0 so the node is not drained, "
-               "the daemon's sweeps handle what is left")
-        print_fn(f"pruned epilog: {msg}")
-        _emit(sink, event_record("epilog_timeout", msg, job_id=job_id, uid=uid,
-                                 elapsed_ms=round((time.monotonic() - t0) * 1000)))
+        got = run_bounded(body, t0 + budget, sink, print_fn, on_record=_emit)
+    except ChildError as e:
+        if os.environ.get("PRUNED_DEBUG"):
+            print(e.trace, file=sys.stderr)
+        raise
+    if isinstance(got, Abandoned):
+        where = f"; it was blocked {got.where}" if got.where else ""
+        _timed_out(sink, print_fn, job_id, uid, budget, time.monotonic() - t0,
+                   f"its worker (pid {got.pid}) did not finish{where}")
         return EX_OK
-    finally:
-        signal.alarm(0)
-        if before is not None:  # None: a handler not set from Python; leave ours
-            signal.signal(signal.SIGALRM, before)
+    return got
+
+
+def _timed_out(sink: AuditSink, print_fn: Callable[[str], None], job_id: str, uid: int,
+               budget: float, elapsed: float, what: str) -> None:
+    msg = (f"epilog of job {job_id} (uid {uid}) ran out of time after {elapsed:.0f}s "
+           f"(its bound: {budget:.0f}s): {what}; exiting 0 so "
+           "the node is not drained, the daemon's sweeps handle what is left")
+    print_fn(f"pruned epilog: {msg}")
+    _emit(sink, event_record("epilog_timeout", msg, job_id=job_id, uid=uid,
+                             elapsed_ms=round(elapsed * 1000)))
 
 
 def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> int:
@@ -174,7 +189,10 @@ def _epilog(policy, job_id, uid, user, dry_run, sink, proc_root, print_fn) -> in
     outcomes = execute(
         plan, obs.snap, obs.jobs, policy, dry_run=dry_run, proc_root=proc_root, allow_jobs=own
     )
-    report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, obs, outcomes)
+    # Recorded with the epilog's own plan: the node-wide plan that observe() made (other
+    # uids' strays, its brake) is not what the epilog decided and must not be logged as such.
+    seen = replace(obs, plan=plan)
+    report = SweepReport(sweep_id, now, time.monotonic() - t0, dry_run, seen, outcomes)
     audit_sweep(report, sink)  # what was killed is on record before anything else can fail
     for line in unreadable:
         log.warning(f"epilog of job {job_id}: {line}; not killed on the environment hint")
@@ -370,26 +388,45 @@ def epilog_command(
     0 unless a process survived SIGKILL under epilog.drain_on_survivor: true (1), or the
     epilog must act and is not root (PermissionError from need_root: 77, before anything).
     """
+    # The whole epilog is bounded, from here: SIGALRM covers loading the policy (the
+    # budget is known only after it), run_epilog's deadline the rest.
+    t0 = time.monotonic()
     sink: AuditSink | None = None
+    before = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(EPILOG_SLACK) + 1)
     try:
-        choice = choose_policy(path, store)
-        sink = _sink_for(choice.policy)
-        if choice.rejected:
-            print_fn(f"pruned epilog: {choice.message('epilog', job_id)}")
-            _emit(sink, choice.record("epilog", job_id, uid))
-        policy = choice.policy
-        if policy is None:
+        try:
+            choice = choose_policy(path, store)
+            sink = _sink_for(choice.policy)
+            if choice.rejected:
+                print_fn(f"pruned epilog: {choice.message('epilog', job_id)}")
+                _emit(sink, choice.record("epilog", job_id, uid))
+            policy = choice.policy
+            if policy is None:
+                return EX_OK
+            dry = dry_run or policy.dry_run  # mode: report reports here too
+            if not dry:
+                need_root("epilog")  # PermissionError: 77, an installation error, first
+            _keep_last_good(choice)
+        except EpilogTimeout as e:
+            _timed_out(sink or _sink_for(None), print_fn, job_id, uid, EPILOG_SLACK,
+                       time.monotonic() - t0, f"{e} while loading the policy")
             return EX_OK
-        dry = dry_run or policy.dry_run  # mode: report reports here too
-    except Exception as e:
-        return _internal_error(e, job_id, uid, sink, print_fn)
-    if not dry:
-        need_root("epilog")  # PermissionError: 77, an installation error, before anything
-    try:
-        _keep_last_good(choice)
-        return run_epilog(policy, job_id, uid, user, dry_run=dry, sink=sink, print_fn=print_fn)
-    except Exception as e:
-        return _internal_error(e, job_id, uid, sink, print_fn)
+        except PermissionError:
+            raise
+        except Exception as e:
+            return _internal_error(e, job_id, uid, sink, print_fn)
+        finally:
+            signal.alarm(0)  # from here run_epilog's own deadline bounds it
+        try:
+            return run_epilog(policy, job_id, uid, user, dry_run=dry, sink=sink,
+                              print_fn=print_fn, started=t0)
+        except Exception as e:
+            return _internal_error(e, job_id, uid, sink, print_fn)
+    finally:
+        signal.alarm(0)
+        if before is not None:  # None: a handler not set from Python; leave ours
+            signal.signal(signal.SIGALRM, before)
 
 
 def _internal_error(e: Exception, job_id: str, uid: int, sink: AuditSink | None,

@@ -235,6 +235,10 @@ class Decision:
     target_job: str | None = None  # the job to adopt into
     held: str | None = None  # why the action is held back, as a sentence
     held_by: HeldBy | None = None  # which guard held it
+    # A young stray judged by the lineage of its session or process group: (kind
+    # "session"/"pgroup", id, epoch since when it is stray). Acting follows the group's
+    # current members of the same uid, so a re-forker's next generation cannot slip by.
+    lineage_group: tuple[str, int, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +354,9 @@ class Policy:
     dry_run: bool = True
     stray_action: Action = Action.KILL
     adopt_fallback: Action = Action.KILL
+    # Adoption was attempted and the kernel refused it (cgroup.procs EBUSY/ENOSPC/ENOENT...):
+    # ignore (like pam_slurm_adopt's action_adopt_failure=allow) or kill; applied once.
+    adopt_failure: Action = Action.IGNORE
     kill_grace: float = 10.0
     # The mass-kill brake: kills of more distinct uids than this in one sweep (and, for the
     # event path, since the last full sweep) mean none at all (pruned.rules.decide.apply_brake).

@@ -19,9 +19,11 @@ from dataclasses import replace
 from functools import lru_cache
 
 from pruned import log
+from pruned.act.adopt import AdoptFailures
 from pruned.act.audit import error_text, event_record, outcome_fallback_record
 from pruned.act.guard import protected_pids
 from pruned.jobs.slurmpath import membership_from_cgroups
+from pruned.lineage import LineageMemory
 from pruned.linux import procfs
 from pruned.model import (
     Action,
@@ -30,6 +32,7 @@ from pruned.model import (
     Observation,
     Policy,
     Proc,
+    Result,
     Snapshot,
     SweepPlan,
 )
@@ -87,6 +90,8 @@ class Reactor:
         uids: Collection[int] | None = None,
         proc_root: str = "/proc",
         on_report: Callable[[SweepReport], None] | None = None,
+        lineage: LineageMemory | None = None,
+        adopt_failures: AdoptFailures | None = None,
     ) -> None:
         self.get_context = get_context  # -> (policy, facts, sink)
         self.get_jobs = get_jobs  # get_jobs(fresh) -> JobView
@@ -94,7 +99,12 @@ class Reactor:
         self.uids = uids
         self.proc_root = proc_root
         self.on_report = on_report
-        self.q: queue.SimpleQueue[tuple[set[int], set[int]] | None] = queue.SimpleQueue()
+        # Shared with the full sweeps: what was judged stray (a re-forker's session outlives
+        # each of its processes) and which adoptions the kernel refused.
+        self.lineage = lineage
+        self.adopt_failures = adopt_failures
+        self.q: queue.SimpleQueue[tuple[set[int], set[int], dict[int, int]] | None] = (
+            queue.SimpleQueue())
         self.children: dict[int, set[int]] = {}
         self.recheck: list[tuple[float, int]] = []  # (monotonic due time, pid)
         self._thread: threading.Thread | None = None
@@ -114,8 +124,11 @@ class Reactor:
         self.killed_uids: frozenset[int] = frozenset()
 
     # called from the watcher thread: never blocks
-    def on_pids(self, changed: set[int], exited: set[int]) -> None:
-        self.q.put((changed, exited))
+    def on_pids(
+        self, changed: set[int], exited: set[int], parents: dict[int, int] | None = None
+    ) -> None:
+        """`parents`: child -> the pid that forked it (EventWatcher(parents=True))."""
+        self.q.put((changed, exited, parents or {}))
 
     def seed(self, snap: Snapshot) -> None:
         """Parent -> children from a full snapshot, to find orphans when a parent exits."""
@@ -147,11 +160,12 @@ class Reactor:
             try:
                 item = self.q.get(timeout=timeout)
             except queue.Empty:
-                item = (set(), set())
+                item = (set(), set(), {})
             if self._stopping:
                 break
             pids: set[int] = set()
             exited: set[int] = set()
+            parents: dict[int, int] = {}
             items = [item]
             while True:  # merge whatever else queued up meanwhile
                 try:
@@ -166,6 +180,7 @@ class Reactor:
                     continue
                 pids |= it[0]
                 exited |= it[1]
+                parents.update(it[2])
             for pid in exited:
                 pids |= self.children.pop(pid, set())
                 pids.discard(pid)
@@ -174,9 +189,12 @@ class Reactor:
                 pids.add(heapq.heappop(self.recheck)[1])
             if pids:
                 try:
-                    self.handle(pids)
+                    self.handle(pids, parents)
                 except Exception as e:  # keep the worker alive; the sweep is the safety net
                     self._batch_failed(pids, e)
+            if exited and self.lineage is not None:
+                # After the batch was judged: a child forked by one of these was linked to it.
+                self.lineage.forget(exited)
 
     def _batch_failed(self, pids: set[int], e: Exception) -> None:
         """A bug outside any one process's handling (execute and audit_sweep skip a failing
@@ -191,11 +209,23 @@ class Reactor:
         except Exception as e2:
             log.bug("event batch failure not recorded", e2)
 
-    def handle(self, pids: set[int]) -> SweepReport | None:
-        """Classify and act on exactly these pids (ancestors are read, never acted on)."""
+    def handle(self, pids: set[int], parents: dict[int, int] | None = None) -> SweepReport | None:
+        """Classify and act on exactly these pids (ancestors are read, never acted on).
+
+        `parents`: child -> forking pid from this batch's fork events (lineage of a child
+        whose parent exited before it was read)."""
         policy, facts, sink = self.get_context()
         exes = known_exes(policy)  # resolved by the last full sweep, not once per batch
-        snap = pin_host_exes(mini_snapshot(pids, self.proc_root), exes, self.proc_root)
+        snap = mini_snapshot(pids, self.proc_root)
+        if self.lineage is not None:
+            # The lineage rule needs each session and process-group leader that exists (a
+            # leader missing from the picture counts as gone): read the ones not read yet.
+            leaders = {x for p in snap.procs.values() for x in (p.sid, p.pgid)
+                       if x > 1 and x not in snap.procs}  # fmt: skip
+            if leaders:
+                more = mini_snapshot(leaders, self.proc_root)
+                snap = replace(snap, procs={**more.procs, **snap.procs})
+        snap = pin_host_exes(snap, exes, self.proc_root)
         for p in snap.procs.values():
             self.children.setdefault(p.ppid, set()).add(p.pid)
         targets = {pid for pid in pids if pid in snap.procs}
@@ -217,8 +247,11 @@ class Reactor:
         if self._protected is None:
             self._protected = protected_pids(self.proc_root)
         with self.lock:
+            marks = (self.lineage.observe(snap, verdicts, full=False, parents=parents)
+                     if self.lineage is not None else None)
+            failed = self.adopt_failures.view() if self.adopt_failures is not None else None
             full = decide(snap, verdicts, view, policy, protected=self._protected,
-                          uids=self.uids, exes=exes)
+                          uids=self.uids, exes=exes, lineage=marks, adopt_failed=failed)
             mine = tuple(d for d in full.decisions if d.proc.pid in targets)
             hold = self.hold
             if hold:  # the last full sweep was report-only or braked: so is the event path
@@ -232,16 +265,24 @@ class Reactor:
             plan = apply_brake(plan, policy, already=self.killed_uids)
             for d in mine:
                 if d.held_by is HeldBy.YOUNG:
-                    due = time.monotonic() + max(0.05, policy.min_age - snap.age(d.proc)) + 0.05
+                    age = snap.age(d.proc)
+                    if marks and (m := marks.get(d.proc.pid)) is not None:
+                        age = max(age, snap.taken_at - m.since)  # its lineage comes of age first
+                    due = time.monotonic() + max(0.05, policy.min_age - age) + 0.05
                     heapq.heappush(self.recheck, (due, d.proc.pid))
             if not plan.reported():
                 return None
             dry = policy.dry_run
             t0 = time.monotonic()
-            outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root)
+            outcomes = execute(plan, snap, view, policy, dry_run=dry, proc_root=self.proc_root,
+                               failures=self.adopt_failures, already=self.killed_uids)
             if not dry:
+                # the plan's kills, and any adopt_failure kill execute added
                 self.killed_uids |= {d.proc.uid for d in plan.actionable()
                                      if d.action is Action.KILL}
+                self.killed_uids |= {o.decision.proc.uid for o in outcomes
+                                     if o.decision.action is Action.KILL
+                                     and o.result is Result.DONE}  # fmt: skip
             sid = "event-" + new_sweep_id()
             try:
                 obs = Observation(snap, view, {k: verdicts[k] for k in targets}, plan, exes)

@@ -11,9 +11,18 @@
 - Every policy it loads or reloads is kept as the last good one of its path
   (pruned.policy.lastgood), which `pruned-epilog` falls back to when the policy is broken.
 
-APScheduler runs the sweeps in worker threads (BackgroundScheduler); the main thread only
-waits for signals. Signal handlers just queue a token: nothing runs inside a handler that
-could meet the scheduler's own locks half-taken.
+Each periodic job has a thread of its own on the monotonic clock (pruned.ticker: a
+realtime step cannot stall or bunch sweeps): the process sweep, the job refresh and the
+file sweep. The main thread only waits for signals; handlers just queue a token.
+
+A file walk can block in the kernel for good (a hung NFS server, a FUSE daemon that never
+answers: the thread sleeps uninterruptibly). It holds only the file sweep's thread: the
+process sweeps go on and keep feeding the watchdog, which therefore says "the process
+sweep is healthy", the thing that must not stall, so a hung filesystem cannot get the
+daemon restarted in a loop. Each process sweep checks the file sweep; one blocked in the
+same syscall for FILES_STUCK_AFTER is reported once (`file_sweep_stuck`, with the path it
+is blocked on, read from /proc/self/task/TID/syscall) and later file sweeps are skipped
+until it returns (`file_sweep_returned`).
 """
 
 from __future__ import annotations
@@ -29,19 +38,21 @@ import time
 from collections import Counter
 from collections.abc import Collection
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
-
 from pruned import __version__, log
+from pruned.act.adopt import AdoptFailures
 from pruned.act.audit import AuditSink, event_record, make_sink
+from pruned.act.contain import remove_stale_quarantines
+from pruned.act.kill import Survivors
 from pruned.act.metrics import MetricsState, SweepMetrics
 from pruned.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from pruned.filesweep import CleanReport, learn_jobs, run_clean
 from pruned.jobs.history import JobHistory
 from pruned.jobs.source import read_jobs
+from pruned.lineage import LineageMemory
 from pruned.linux import connector as events
 from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
+from pruned.linux.blocked import Blocked, blocked_in
 from pruned.linux.proccache import ProcCache
 from pruned.model import JobView, Policy, Result
 from pruned.policy import lastgood
@@ -50,6 +61,14 @@ from pruned.policy.load import Loaded, PolicyError, load_path
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, observe, run_sweep
 from pruned.text import printable
+from pruned.ticker import Periodic
+
+# A file sweep running this long and blocked in the same syscall on the same path at two
+# checks STUCK_SAME_FOR apart is stuck: a slow walk moves on between checks, a hung one not.
+FILES_STUCK_AFTER = 30.0
+STUCK_SAME_FOR = 5.0
+LOCK_WAIT = 5.0  # seconds the job refresh waits for the history a file sweep holds
+STOP_WAIT = 30.0  # seconds a stop waits for a running process sweep (a file sweep: 2 s)
 
 
 def sd_notify(message: str) -> bool:
@@ -135,11 +154,18 @@ class Daemon:
         # Sweeps, file sweeps, events and reloads all update it (it has its own lock).
         self.metrics = MetricsState(__version__, time.time())
         self.metrics.policy_applied(not policy.dry_run, policy.cleanup.enabled, time.time())
-        self.resync_pending = threading.Event()
-        self.scheduler: BackgroundScheduler | None = None
+        self.survivors = Survivors()  # outlived SIGKILL: reported once, not re-killed
+        self.jobs_list: list[Periodic] = []
+        self.sweeper: Periodic | None = None
+        self.cleaner: Periodic | None = None
+        self.stuck: tuple[Blocked, float] | None = None  # the cleaner's last blocked sample
+        self.stuck_reported: float | None = None  # running_since of the run reported stuck
         self.watcher: events.EventWatcher | None = None
         self.reactor: Reactor | None = None
         self.events_note = ""
+        # Kept across sweeps and shared with the event path (pruned.lineage, act.adopt).
+        self.lineage = LineageMemory()
+        self.adopt_failures = AdoptFailures()
         # The last sweep's records, for steady-state sweeps while events run (proccache).
         self.proc_cache = ProcCache(policy.full_sweep_interval)
 
@@ -166,11 +192,19 @@ class Daemon:
         return self.jobs_cache
 
     def refresh_jobs(self) -> None:
-        """Learn job starts and ends (the back-mapping from a file's uid to an ended job)."""
+        """Learn job starts and ends (the back-mapping from a file's uid to an ended job).
+
+        The history is the file sweep's too: while a file sweep holds it (for long when its
+        walk is stuck on a hung filesystem) this refresh only updates the job view and
+        learns next time; run_clean learns the same ends itself when it starts."""
         view = self.jobs(True)
-        with self.files_lock:
+        if not self.files_lock.acquire(timeout=LOCK_WAIT):
+            return
+        try:
             learn_jobs(self.history, view, time.time(), self.policy, prune=True)
             self.history.save()
+        finally:
+            self.files_lock.release()
 
     # ------------------------------------------------------------ sweeps
 
@@ -179,7 +213,11 @@ class Daemon:
         try:
             with self.act_lock:
                 self.proc_cache.full_every = policy.full_sweep_interval
-                report = run_sweep(policy, facts, sink, uids=self.uids, cache=self.proc_cache)
+                report = run_sweep(policy, facts, sink, uids=self.uids, lineage=self.lineage,
+                                   adopt_failures=self.adopt_failures, survivors=self.survivors,
+                                   cache=self.proc_cache)
+                # Quarantines a survivor kept until it died (no kill runs while we hold it).
+                remove_stale_quarantines(policy.slurm.cgroup_root, own=True)
         except Exception:
             self.metrics.sweep_failed("process")
             self.write_metrics()
@@ -200,11 +238,13 @@ class Daemon:
             report_only=bool(plan.report_only),
         ))
         self.write_metrics()
-        # Only a sweep that completed may feed the watchdog.
-        sd_notify(f"WATCHDOG=1\nSTATUS={self.status(report)}")
+        files_note = self.check_file_sweep()
+        # Only a sweep that completed may feed the watchdog: it says the process sweep is
+        # healthy. A stuck file sweep is reported, never a reason to stop feeding it.
+        sd_notify(f"WATCHDOG=1\nSTATUS={self.status(report, files_note)}")
         return report
 
-    def status(self, report: SweepReport) -> str:
+    def status(self, report: SweepReport, files_note: str = "") -> str:
         s = report.summary()
         read = self.proc_cache.last
         if read is not None:  # steady-state sweeps: how this one read /proc
@@ -212,10 +252,48 @@ class Daemon:
                   else f"; incremental read: {read.reread} re-read, {read.kept} kept")
         if self.events_note:
             s += f"; {self.events_note}"
+        if files_note:
+            s += f"; {files_note}"
         return s[:1000].replace("\n", " ")
 
-    def file_sweep(self) -> CleanReport:
+    def check_file_sweep(self, now: float | None = None) -> str:
+        """Called at the end of each process sweep: report a file sweep stuck in the kernel,
+        once per stuck run. The STATUS= note about it, or ""."""
+        cleaner = self.cleaner
+        since = cleaner.running_since if cleaner is not None else None
+        if cleaner is None or since is None or cleaner.native_id is None:
+            self.stuck = None
+            return ""
+        now = time.monotonic() if now is None else now
+        if self.stuck_reported == since:
+            seen = self.stuck  # read once: the file sweep's thread clears it when it returns
+            blocked = seen[0] if seen else None
+            where = f" on {blocked.path}" if blocked and blocked.path else ""
+            return f"file sweep stuck{where} for {now - since:.0f}s: file sweeps skipped"
+        if now - since < FILES_STUCK_AFTER:
+            return ""
+        sample = blocked_in(cleaner.native_id)
+        if sample is None or self.stuck is None or self.stuck[0] != sample:
+            self.stuck = (sample, now) if sample is not None else None
+            return ""
+        if now - self.stuck[1] < STUCK_SAME_FOR:
+            return ""
+        self.stuck_reported = since
+        msg = (f"file sweep blocked {sample.describe()} for {now - since:.0f}s: a hung "
+               "filesystem (NFS server, FUSE daemon) under a cleanup root? File sweeps are "
+               "skipped until it returns; process sweeps and the watchdog go on")
+        log.warning(msg)
+        self.sink.emit(event_record("file_sweep_stuck", msg, path=sample.path,
+                                    syscall=sample.syscall, wchan=sample.wchan or "unknown",
+                                    elapsed_ms=round((now - since) * 1000)))
+        return f"file sweep stuck on {sample.path or sample.syscall}"
+
+    def file_sweep(self) -> CleanReport | None:
         policy, facts, sink = self.context()
+        if not policy.cleanup.enabled:
+            return None
+        cleaner = self.cleaner
+        t0 = time.monotonic()
         try:
             with self.files_lock:
                 report = run_clean(policy, facts, sink, history=self.history)
@@ -223,6 +301,14 @@ class Daemon:
             self.metrics.sweep_failed("files")
             self.write_metrics()
             raise
+        finally:
+            if cleaner is not None and self.stuck_reported == cleaner.running_since:
+                took = time.monotonic() - t0
+                self.stuck_reported = None
+                self.stuck = None
+                sink.emit(event_record("file_sweep_returned", f"the stuck file sweep returned "
+                                       f"after {took:.0f}s; file sweeps go on",
+                                       elapsed_ms=round(took * 1000)))
         done = [o for o in report.outcomes if o.result is Result.DONE]
         self.metrics.file_sweep(
             SweepMetrics(
@@ -276,17 +362,20 @@ class Daemon:
                                         reason=why))
             return
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
-                               on_report=self.on_event_report).start()
-        self.watcher = events.EventWatcher(self.on_pids, self.on_lost).start()
+                               on_report=self.on_event_report, lineage=self.lineage,
+                               adopt_failures=self.adopt_failures).start()
+        self.watcher = events.EventWatcher(self.on_pids, self.on_lost,
+                                           parents=True).start()  # fmt: skip
         self.proc_cache.attach()  # listening now: the next full sweep can found the cache
         self.events_note = "events on"
 
-    def on_pids(self, changed: set[int], exited: set[int]) -> None:
+    def on_pids(self, changed: set[int], exited: set[int],
+                parents: dict[int, int] | None = None) -> None:
         """One event batch (watcher thread, never blocks): for the cache, then the reactor."""
         self.proc_cache.mark(changed, exited)
         reactor = self.reactor
         if reactor is not None:
-            reactor.on_pids(changed, exited)
+            reactor.on_pids(changed, exited, parents)
 
     def stop_events(self) -> None:
         self.proc_cache.detach()
@@ -301,34 +390,33 @@ class Daemon:
         """Events were lost: a full sweep right now catches whatever they would have shown."""
         self.proc_cache.lost(reason)
         self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
-        # At most one resync waits; a loss during a running resync queues one more (a job id
-        # with max_instances would instead skip it while the first still runs).
-        if self.scheduler is not None and not self.resync_pending.is_set():
-            self.resync_pending.set()
-            self.scheduler.add_job(self.resync, executor="sweeps", misfire_grace_time=None)
-
-    def resync(self) -> None:
-        self.resync_pending.clear()
-        self.process_sweep()
+        # At most one resync waits; a loss during a running sweep makes one more after it.
+        if self.sweeper is not None:
+            self.sweeper.kick()
 
     # ------------------------------------------------------------ lifecycle
 
-    def schedule(self) -> None:
-        p = self.policy
-        sched = self.scheduler
-        assert sched is not None
-        interval = sweep_interval(p, os.environ.get("WATCHDOG_USEC"))
-        common = {"max_instances": 1, "coalesce": True, "replace_existing": True,
-                  "misfire_grace_time": None}
-        sched.add_job(self.process_sweep, "interval", seconds=interval, id="sweep",
-                      executor="sweeps", **common)
-        sched.add_job(self.refresh_jobs, "interval", seconds=p.jobs_interval, id="jobs",
-                      executor="files", **common)
-        if p.cleanup.enabled:
-            sched.add_job(self.file_sweep, "interval", seconds=p.clean_interval, id="clean",
-                          executor="files", **common)
-        elif sched.get_job("clean"):
-            sched.remove_job("clean")
+    def start_jobs(self) -> None:
+        """The three periodic jobs, each on its own thread. Intervals are read from the
+        current policy after every run (and on reload). The first
+        process sweep and job refresh run now; the first file sweep one interval later."""
+        self.sweeper = Periodic("sweep", self.process_sweep, lambda: sweep_interval(
+            self.policy, os.environ.get("WATCHDOG_USEC")))
+        refresher = Periodic("jobs", self.refresh_jobs, lambda: self.policy.jobs_interval)
+        self.cleaner = Periodic("clean", self.file_sweep, lambda: self.policy.clean_interval,
+                                delay=self.policy.clean_interval)
+        self.jobs_list = [self.sweeper, refresher, self.cleaner]
+        for job in self.jobs_list:
+            job.start()
+
+    def stop_jobs(self) -> None:
+        """Stop the jobs; wait for a running process sweep, not for a file walk that may
+        be stuck in the kernel for good (its thread is a daemon thread)."""
+        for job in self.jobs_list:
+            job.stop()
+        for job in self.jobs_list:
+            if not job.join(STOP_WAIT if job is self.sweeper else 2.0):
+                log.warning(f"stopping: the {job.name} job is still running; not waiting")
 
     def keep_last_good(self, loaded: Loaded) -> None:
         """Keep a policy that passed validation for the epilog to fall back to."""
@@ -377,7 +465,8 @@ class Daemon:
         mode = "report" if policy.dry_run else "enforce"
         self.sink.emit(event_record("config_loaded", f"policy {self.policy_path} loaded "
                                     f"(mode {mode})", path=self.policy_path))
-        self.schedule()
+        for job in self.jobs_list:
+            job.reschedule()  # a shorter interval takes effect now, not after the old one
         self.start_events()
         self.report_reload(True, [])
         self.metrics.policy_applied(not policy.dry_run, policy.cleanup.enabled, time.time())
@@ -392,24 +481,16 @@ class Daemon:
         for sig, token in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"),
                            (signal.SIGINT, "stop")):
             signal.signal(sig, lambda _s, _f, t=token: self.tokens.put(t))
-        self.scheduler = BackgroundScheduler(
-            executors={"sweeps": ThreadPoolExecutor(1), "files": ThreadPoolExecutor(1)},
-            timezone="UTC",
-        )
-        self.schedule()
         self.start_events()
         mode = "report" if self.policy.dry_run else "enforce"
         self.sink.emit(event_record("daemon_started", f"pruned started (mode {mode}, policy "
                                     f"{self.policy_path}; {self.events_note})",
                                     path=self.policy_path))
-        self.scheduler.start()
         _remove_stale_statuses()
         self.report_reload(True, [])
         self.write_metrics()  # every series at 0 before the first sweep
         sd_notify(f"READY=1\nSTATUS=ready (mode {mode}); first sweep running")
-        # The first sweeps now, not one interval from now.
-        self.scheduler.add_job(self.process_sweep, id="first", executor="sweeps")
-        self.scheduler.add_job(self.refresh_jobs, id="first-jobs", executor="files")
+        self.start_jobs()  # the first process sweep and job refresh run now
         while True:
             # Python runs signal handlers in the main thread, but the kernel may hand SIGHUP
             # to a worker thread (after a SIGSTOP/SIGCONT, say); then nothing interrupts a
@@ -428,9 +509,14 @@ class Daemon:
                 break
         sd_notify("STOPPING=1\nSTATUS=stopping")
         self.stop_events()
-        self.scheduler.shutdown(wait=True)
-        with self.files_lock:
-            self.history.save()
+        self.stop_jobs()
+        if self.files_lock.acquire(timeout=2.0):
+            try:
+                self.history.save()
+            finally:
+                self.files_lock.release()
+        else:  # a file sweep stuck in the kernel holds it; the last refresh saved it
+            log.warning("stopping: the file sweep holds the job history; not saved again")
         with contextlib.suppress(OSError):
             os.unlink(reload_status_path(os.getpid()))
         self.sink.emit(event_record("daemon_stopped", "pruned stopped"))

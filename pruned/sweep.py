@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from pruned import log
-from pruned.act.adopt import adopt
+from pruned.act.adopt import AdoptFailures, adopt, failure_reason
 from pruned.act.audit import (
     AuditRecord,
     AuditSink,
@@ -32,17 +32,19 @@ from pruned.act.audit import (
 )
 from pruned.act.freeze import freeze_and_kill
 from pruned.act.guard import Refused, protected_pids
-from pruned.act.kill import kill_many
+from pruned.act.kill import REMIND_EVERY, Survivors, held_by_kernel, kill_many, read_wchan
 from pruned.jobs.slurm import SlurmCgroupSource
 from pruned.jobs.slurmpath import slurm_lines, unknown_lines
 from pruned.jobs.source import JobSource, read_jobs
 from pruned.jobs.statedir import StateDirSource
+from pruned.lineage import LineageMemory
 from pruned.linux import exeid, procfs
 from pruned.linux.proccache import ProcCache
 from pruned.linux.users import user_name
 from pruned.model import (
     Action,
     Decision,
+    HeldBy,
     JobView,
     KnownExes,
     Observation,
@@ -56,7 +58,8 @@ from pruned.model import (
 )
 from pruned.policy.facts import NodeFacts
 from pruned.rules.classify import classify
-from pruned.rules.decide import decide, recheck
+from pruned.rules.decide import apply_brake, decide, recheck
+from pruned.rules.lineage import trace
 
 
 def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSource]:
@@ -105,11 +108,16 @@ def observe(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    lineage: LineageMemory | None = None,
+    adopt_failures: AdoptFailures | None = None,
     cache: ProcCache | None = None,
 ) -> Observation:
     """Read the node and decide, without acting: what scan, explain and every sweep start with.
 
-    `cache`: the daemon's ProcCache (steady-state sweeps re-read only what changed).
+    `lineage`: the daemon's memory of stray lineages (without it, only what this snapshot
+    shows: a stray parent, a session with an older stray); `adopt_failures`: processes whose
+    adoption was refused before (not retried); `cache`: the daemon's ProcCache (steady-state
+    sweeps re-read only what changed).
     """
     known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
     exes = known_exes(policy)
@@ -119,6 +127,14 @@ def observe(
     snap = pin_host_exes(raw, exes, proc_root)
     jobs = read_jobs(make_sources(policy, cache) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
+    if lineage is not None:
+        marks = lineage.observe(snap, verdicts, full=True)
+    else:
+        marks = trace(snap, verdicts, {}, {})[0]
+    failed = None
+    if adopt_failures is not None:
+        adopt_failures.prune({p.key for p in snap.procs.values()})
+        failed = adopt_failures.view()
     plan = decide(
         snap,
         verdicts,
@@ -127,6 +143,8 @@ def observe(
         protected=protected_pids(proc_root),
         uids=uids,
         exes=exes,
+        lineage=marks,
+        adopt_failed=failed,
     )
     return Observation(snap, jobs, verdicts, plan, exes)
 
@@ -172,14 +190,29 @@ def execute(
     dry_run: bool,
     proc_root: str = "/proc",
     allow_jobs: Collection[str] = (),
+    failures: AdoptFailures | None = None,
+    already: Collection[int] = (),
+    survivors: Survivors | None = None,
 ) -> list[Outcome]:
     """Carry out the plan: one Outcome per reported decision, acted or not.
 
     `allow_jobs`: the epilog's own job (id and SLUID), whose cgroup members it may kill.
+    `failures`: the memory of refused adoptions (actions.adopt_failure is applied once);
+    `already`: uids the event path killed since the last full sweep (the brake's count).
+    `survivors` (the daemon's memory across sweeps): a kill target that outlived SIGKILL
+    before is not acted on again, and has no outcome but an hourly reminder.
     """
     outcomes: list[Outcome] = []
     todo: list[Decision] = []
     for d in plan.reported():
+        if survivors is not None and d.action is Action.KILL and d.proc.key in survivors:
+            if survivors.reminder_due(d.proc.key):
+                state = held_by_kernel(d.proc.key, proc_root) or d.proc.state
+                fields = (("PRUNED_SURVIVED", "reminder"), ("PRUNED_STATE", state),
+                          ("PRUNED_WCHAN", read_wchan(d.proc.pid, proc_root) or "unknown"))
+                outcomes.append(Outcome(d, Result.FAILED, "still alive after SIGKILL; not "
+                                        "signalled again", fields=fields))
+            continue
         if d.held is not None:
             outcomes.append(Outcome(d, Result.SKIPPED, d.held))
             continue
@@ -194,7 +227,93 @@ def execute(
             continue
         todo.append(d)
 
-    # Group by (action, target job): a tree is acted on as one, rooted at its topmost member.
+    outcomes += _act(todo, snap, jobs, policy, dry_run, proc_root)
+    if survivors is not None and not dry_run:
+        outcomes = _note_survivors(outcomes, survivors, proc_root)
+    if not dry_run:
+        outcomes += _follow_lineages(plan, outcomes, snap, jobs, policy, proc_root)
+        outcomes = _after_adopt_failures(
+            outcomes, plan, snap, jobs, policy, proc_root, failures, already
+        )
+    return outcomes
+
+
+def _follow_lineages(
+    plan: SweepPlan,
+    done: Sequence[Outcome],
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    proc_root: str,
+) -> list[Outcome]:
+    """Kill the current members of each stray session or process group that a kill judged
+    by lineage (Decision.lineage_group), until a pass finds none.
+
+    A re-forker's generation may have exited between the snapshot and the kill, and its
+    child, reparented, is no descendant of anything killed: the re-walk of act/tree follows
+    only sessions led by a member. The group was judged a stray lineage of that uid in this
+    snapshot, and the kernel does not reuse its id while it has members, so a process of the
+    same real uid in it, started since the lineage began, descends from it. Each is re-read
+    and re-checked like any target (gone, uid changed, now in a job: left alone). They are
+    of uids the plan already kills, so the brake (which counts uids) is not moved.
+    """
+    # (kind, id) -> uid -> (start of the lineage in ticks, a decision judged by it)
+    groups: dict[tuple[str, int], dict[int, tuple[int, Decision]]] = {}
+    for d in plan.actionable():
+        if d.action is Action.KILL and d.lineage_group is not None:
+            kind, gid, since = d.lineage_group
+            ticks = int((since - snap.boot_time) * snap.clk_tck) - 1
+            per_uid = groups.setdefault((kind, gid), {})
+            if d.proc.uid not in per_uid or ticks < per_uid[d.proc.uid][0]:
+                per_uid[d.proc.uid] = (ticks, d)
+    if not groups:
+        return []
+    acted = {k for o in done for k in (o.decision.proc.key, *o.signalled)}
+    protected = protected_pids(proc_root)
+    out: list[Outcome] = []
+    for _ in range(3):
+        todo: list[Decision] = []
+        for pid, st in procfs.read_stats(proc_root).items():
+            key = ProcKey(pid, st.starttime)
+            if key in acted or pid in protected or st.zombie or st.kthread:
+                continue
+            for kind, gid in (("session", st.session), ("pgroup", st.pgrp)):
+                per_uid = groups.get((kind, gid))
+                if per_uid is None:
+                    continue
+                fresh = procfs.read_proc(pid, proc_root)
+                hit = per_uid.get(fresh.uid) if fresh is not None else None
+                if hit is None or fresh is None or fresh.starttime != st.starttime \
+                        or st.starttime < hit[0]:
+                    continue
+                base = hit[1]
+                reason = (f"{base.reason}; found in that {kind} {gid} when its member "
+                          f"{base.proc.pid} was killed")  # fmt: skip
+                todo.append(replace(base, proc=fresh, reason=reason))
+                acted.add(key)
+                break
+        if not todo:
+            break
+        verified = []
+        for d in todo:
+            stop = reverify(d, jobs, proc_root)
+            if stop is not None:
+                out.append(Outcome(d, stop[0], stop[1]))
+            else:
+                verified.append(d)
+        new = _act(verified, snap, jobs, policy, False, proc_root)
+        acted |= {k for o in new for k in o.signalled}
+        out += new
+    return out
+
+
+def _act(
+    todo: Sequence[Decision], snap: Snapshot, jobs: JobView, policy: Policy, dry_run: bool,
+    proc_root: str,
+) -> list[Outcome]:  # fmt: skip
+    """Act on verified decisions, grouped by (action, target job, uid): a tree is acted on
+    as one, rooted at its topmost member."""
+    outcomes: list[Outcome] = []
     groups: dict[tuple[Action, str | None, int], list[Decision]] = {}
     for d in todo:
         groups.setdefault((d.action, d.target_job, d.proc.uid), []).append(d)
@@ -202,18 +321,108 @@ def execute(
         by_pid = {d.proc.pid: d for d in ds}
         roots = [d.proc for d in ds if d.proc.ppid not in by_pid]
         desc = _descendants(roots, snap, set(by_pid))
+        trees = (roots, desc)
         if action is Action.KILL:
-            roots, desc = _merge_trees(roots, desc, by_pid)
+            # One kill per job the uid's trees sit in; should it fail, the original trees
+            # are tried one by one, so a bad tree never takes the others with it.
+            trees = _merge_trees(roots, desc, by_pid)
+            extra = _gone_leaders(*trees, by_pid, snap, protected_pids(proc_root))
 
-            def run(rs, desc=desc, by_pid=by_pid, uid=uid):
-                return _kill(rs, desc, by_pid, uid, policy, dry_run, proc_root)
+            def run(rs, ds, by_pid=by_pid, uid=uid, extra=extra):
+                return _kill(rs, ds, by_pid, uid, policy, dry_run, proc_root, extra)
         elif action is Action.ADOPT:
-            def run(rs, desc=desc, by_pid=by_pid, uid=uid, target=target):
-                return _adopt(rs, desc, by_pid, jobs, target, uid, dry_run, proc_root)
+            def run(rs, ds, by_pid=by_pid, uid=uid, target=target):
+                return _adopt(rs, ds, by_pid, jobs, target, uid, dry_run, proc_root)
         else:
             continue
-        outcomes += _act_isolated(action, roots, desc, by_pid, run)
+        outcomes += _act_isolated(action, trees, by_pid, run, split=(roots, desc))
     return outcomes
+
+
+def _gone_leaders(
+    roots: Sequence[Proc],
+    desc: dict[int, list[int]],
+    by_pid: dict[int, Decision],
+    snap: Snapshot,
+    protected: frozenset[int],
+) -> dict[int, list[ProcKey]]:
+    """root pid -> the gone leaders of the stray groups its members were judged by.
+
+    Handed to the kill as members that are already gone, they make its re-walk (act/tree:
+    a session or process group whose leader is gone is followed for the tree's own uid,
+    for processes started after the leader) take in, stop and kill whatever the group holds
+    now: the re-forker's next generation, reparented before the first signal. The start
+    given is that of the lineage, which the leader's cannot be later than.
+    """
+    out: dict[int, list[ProcKey]] = {}
+    for r in roots:
+        for pid in (r.pid, *desc[r.pid]):
+            g = by_pid[pid].lineage_group
+            if g is None or g[1] in snap.procs or g[1] in protected:
+                continue
+            ticks = max(0, int((g[2] - snap.boot_time) * snap.clk_tck) - 1)
+            key = ProcKey(g[1], ticks)
+            if key not in out.get(r.pid, ()):
+                out.setdefault(r.pid, []).append(key)
+    return out
+
+
+def _after_adopt_failures(
+    outcomes: list[Outcome],
+    plan: SweepPlan,
+    snap: Snapshot,
+    jobs: JobView,
+    policy: Policy,
+    proc_root: str,
+    failures: AdoptFailures | None,
+    already: Collection[int],
+) -> list[Outcome]:
+    """Apply actions.adopt_failure to each process whose adoption failed, once.
+
+    Each failure is remembered (by pid and starttime) so no later sweep retries it: decide()
+    turns its adopt into the fallback. `kill` kills it now when that keeps the kills within
+    the brake (kill.brake.max_uids distinct uids with the planned kills and `already`, the
+    event path's since the last sweep), else it is left to the next sweep, where the brake
+    judges it like any kill. The adopt_failed record says which, with the kernel's error.
+    """
+    failed = [i for i, o in enumerate(outcomes)
+              if o.decision.action is Action.ADOPT and o.result is Result.FAILED
+              and not o.detail.startswith("refused:")]  # fmt: skip
+    if not failed:
+        return outcomes
+    fb = policy.adopt_failure
+    uids = {d.proc.uid for d in plan.actionable() if d.action is Action.KILL} | set(already)
+    uids |= {outcomes[i].decision.proc.uid for i in failed}
+    kill_now = fb is Action.KILL and len(uids) <= policy.brake_max_uids
+    out = list(outcomes)
+    kills: list[Decision] = []
+    for i in failed:
+        o = out[i]
+        d = o.decision
+        why = dict(o.fields).get("PRUNED_ADOPT_ERROR") or o.detail
+        if failures is not None:
+            failures.remember(d.proc.key, why)
+        if fb is Action.IGNORE:
+            applied = "ignore: left alone, adoption not retried"
+        elif kill_now:
+            applied = "kill: killed now"
+            kills.append(replace(d, action=Action.KILL, target_job=None,
+                                 reason=f"adoption into job {d.target_job} failed ({why}): "
+                                 "adopt_failure kill"))  # fmt: skip
+        else:
+            applied = (f"kill: deferred to the next sweep (kills of {len(uids)} uids would "
+                       f"exceed kill.brake.max_uids={policy.brake_max_uids})")
+        out[i] = replace(o, detail=f"{o.detail}; adopt_failure {applied}",
+                         fields=(*o.fields, ("PRUNED_ADOPT_FAILURE", fb.value)))  # fmt: skip
+    todo: list[Decision] = []
+    for d in kills:
+        stop = reverify(d, jobs, proc_root)
+        if stop is not None:
+            out.append(Outcome(d, stop[0], stop[1]))
+        else:
+            todo.append(d)
+    out += _act(todo, snap, jobs, policy, False, proc_root)
+    return out
 
 
 INTERNAL_ERROR_FIELD = "PRUNED_INTERNAL_ERROR"  # on an outcome a bug cut short: not a survivor
@@ -227,16 +436,22 @@ def internal_error_outcome(d: Decision, step: str, e: Exception) -> Outcome:
                    ((INTERNAL_ERROR_FIELD, text),))  # fmt: skip
 
 
-def _act_isolated(action: Action, roots: Sequence[Proc], desc: dict[int, list[int]],
-                  by_pid: dict[int, Decision], run) -> list[Outcome]:
-    """run(roots) for one group; on an unexpected error each tree is tried alone (a tree
-    already acted on comes back gone), so one bad tree is skipped, never the group."""
+def _act_isolated(action: Action, trees: tuple[Sequence[Proc], dict[int, list[int]]],
+                  by_pid: dict[int, Decision], run,
+                  split: tuple[Sequence[Proc], dict[int, list[int]]] | None = None,
+                  ) -> list[Outcome]:
+    """run(roots, desc) for one group; on an unexpected error each tree (of `split` if given:
+    the trees before merging) is tried alone (a tree already acted on comes back gone), so one
+    bad tree is skipped, never the group."""
+    roots, desc = trees
     try:
-        return run(roots)
+        return run(roots, desc)
     except Exception as e:
-        if len(roots) > 1:
-            log.bug(f"{action.value} of {len(roots)} trees failed; acting on each alone", e)
-            return [o for r in roots for o in _act_isolated(action, [r], desc, by_pid, run)]
+        alone = split if split is not None and len(split[0]) > 1 else trees
+        if len(alone[0]) > 1:
+            log.bug(f"{action.value} of {len(alone[0])} trees failed; acting on each alone", e)
+            return [o for r in alone[0]
+                    for o in _act_isolated(action, ([r], alone[1]), by_pid, run)]
         r = roots[0]
         log.bug(f"{action.value} of pid {r.pid}'s tree failed, skipped", e)
         return [internal_error_outcome(by_pid[p], action.value, e) for p in (r.pid, *desc[r.pid])]
@@ -310,8 +525,10 @@ def _classifier(
     return res_of
 
 
-def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]:
-    trees = [(r.key, [by_pid[p].proc.key for p in desc[r.pid]]) for r in roots]
+def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root, extra=None) -> list[Outcome]:
+    extra = extra or {}
+    trees = [(r.key, [*(by_pid[p].proc.key for p in desc[r.pid]), *extra.get(r.pid, ())])
+             for r in roots]  # fmt: skip
     try:
         # Each tree is contained in a quarantine cgroup before its first SIGTERM: what it
         # forks while it handles the signal cannot get away (pruned.act.contain).
@@ -324,7 +541,10 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
     # A tree that survived SIGKILL is forking faster than we signal: freeze it and kill again.
     final = []
     for r, res in zip(roots, results, strict=True):
-        if not dry_run and res.survivors:
+        # Not for survivors the kernel holds (D state): they fork nothing, and the freeze
+        # rounds would only add seconds to every sweep they are met in.
+        if not dry_run and res.survivors and not all(held_by_kernel(k, proc_root)
+                                                     for k in res.survivors):
             try:
                 res = freeze_and_kill(
                     r.key,
@@ -349,6 +569,26 @@ def _kill(roots, desc, by_pid, uid, policy, dry_run, proc_root) -> list[Outcome]
     return _per_process(roots, desc, by_pid, result_of)
 
 
+def _note_survivors(outcomes: list[Outcome], survivors: Survivors,
+                    proc_root: str) -> list[Outcome]:
+    """Remember the processes that outlived SIGKILL, and mark their outcome (once) for a
+    `process_survived` record with their state and kernel wait."""
+    out = []
+    for o in outcomes:
+        key = o.decision.proc.key
+        kill_failed = (o.decision.action is Action.KILL and o.result is Result.FAILED
+                       and INTERNAL_ERROR_FIELD not in dict(o.fields))  # a bug is no survivor
+        state = held_by_kernel(key, proc_root) if kill_failed else None
+        if state is None:
+            out.append(o)
+            continue
+        survivors.remember(key)
+        extra = (("PRUNED_SURVIVED", "first"), ("PRUNED_STATE", state),
+                 ("PRUNED_WCHAN", read_wchan(key.pid, proc_root) or "unknown"))
+        out.append(replace(o, fields=(*o.fields, *extra)))
+    return out
+
+
 def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[Outcome]:
     job = jobs.jobs.get(target) if target else None
     if job is None or not job.extern_dirs:
@@ -370,6 +610,8 @@ def _adopt(roots, desc, by_pid, jobs, target, uid, dry_run, proc_root) -> list[O
             return (lambda _k: Result.FAILED), f"refused: {res}", (), ()
         res_of = _classifier(dry_run, res.ok, failed=res.failed, done=res.moved, gone=res.gone)
         fields = tuple(res.audit_fields().items())
+        if res.failed:  # the kernel's refusal, for the adopt_failure memory and the record
+            fields += (("PRUNED_ADOPT_ERROR", failure_reason(res, res.failed[0])),)
         return res_of, res.describe(), tuple(res.moved or res.would), fields
 
     return _per_process(roots, desc, by_pid, result_of)
@@ -430,18 +672,67 @@ def run_sweep(
     uids: Collection[int] | None = None,
     sources: Sequence[JobSource] | None = None,
     proc_root: str = "/proc",
+    lineage: LineageMemory | None = None,
+    adopt_failures: AdoptFailures | None = None,
+    survivors: Survivors | None = None,
     cache: ProcCache | None = None,
 ) -> SweepReport:
-    """Observe, decide, act (or would), and write one audit record per decision + a summary."""
+    """Observe, decide, act (or would), and write one audit record per decision + a summary.
+
+    `lineage`, `adopt_failures`: memories kept across sweeps (the daemon's, shared with its
+    event path); without them each sweep knows only what it sees.
+    """
     dry = policy.dry_run if dry_run is None else dry_run
     t0 = time.monotonic()
     started = time.time()
     sweep_id = new_sweep_id()
-    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root, cache=cache)
-    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root)
+    obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root,
+                  lineage=lineage, adopt_failures=adopt_failures, cache=cache)  # fmt: skip
+    if survivors is not None:
+        survivors.retain({p.key for p in obs.snap.procs.values()})
+        obs = replace(obs, plan=spare_survivors(obs.plan, survivors, policy))
+    outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root,
+                       failures=adopt_failures, survivors=survivors)  # fmt: skip
     report = SweepReport(sweep_id, started, time.monotonic() - t0, dry, obs, outcomes)
     audit_sweep(report, sink)
     return report
+
+
+def spare_survivors(plan: SweepPlan, survivors: Survivors, policy: Policy) -> SweepPlan:
+    """The plan judged by the mass-kill brake without the known survivors.
+
+    They are not killed again (execute skips them), so they must not count as kills
+    either: a user who leaves max_kills_per_sweep processes stuck on a hung mount of their
+    own (or many users' processes on one dead NFS server) would otherwise trip the brake
+    every sweep and stop every kill on the node.
+    """
+    if plan.brake is None or not any(d.action is Action.KILL and d.proc.key in survivors
+                                     for d in plan.decisions):
+        return plan
+    decisions = []
+    for d in plan.decisions:
+        if d.held_by is HeldBy.BRAKE:  # the brake held only decisions nothing else held
+            d = replace(d, held=None, held_by=None)
+        if d.action is Action.KILL and d.held is None and d.proc.key in survivors:
+            d = replace(d, held="outlived SIGKILL before: left alone")
+        decisions.append(d)
+    return apply_brake(replace(plan, decisions=tuple(decisions), brake=None, brake_uids=(),
+                               brake_jobs=()), policy)
+
+
+def survived_record(o: Outcome, sweep_id: str, *, reminder: bool, **fields: str):
+    """The `process_survived` record: a process that outlived SIGKILL, reported once (and
+    then hourly) instead of re-killed every sweep."""
+    p = o.decision.proc
+    state, wchan = fields.get("PRUNED_STATE", "D"), fields.get("PRUNED_WCHAN", "unknown")
+    what = "still alive" if reminder else "survived SIGKILL"
+    msg = (f"pid {p.pid} ({p.comm}, uid {p.uid}) {what}: state {state}, waiting in the kernel "
+           f"({wchan}); SIGKILL stays pending and takes effect when the kernel lets go. Later "
+           f"sweeps do not signal or freeze it again (reminder every "
+           f"{REMIND_EVERY / 3600:g}h); a hung filesystem is the usual cause")
+    return event_record("process_survived", msg, sweep_id=sweep_id, pid=p.pid,
+                        starttime=p.starttime, uid=p.uid, comm=p.comm, state=state,
+                        wchan=wchan, reminder="yes" if reminder else "no")
 
 
 def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
@@ -451,6 +742,19 @@ def audit_sweep(report: SweepReport, sink: AuditSink) -> None:
     single, held_groups = group_held(report.outcomes)
     records: list[AuditRecord] = []
     for o in single:
+        fields = dict(o.fields)
+        survived = fields.pop("PRUNED_SURVIVED", None)
+        if survived is not None:
+            try:
+                r = survived_record(o, sid, reminder=survived == "reminder", **fields)
+            except Exception as e:
+                log.bug(f"process_survived record of pid {o.decision.proc.pid} not built", e)
+            else:
+                records.append(r)
+                _emit(sink, r)
+            if survived == "reminder":
+                continue
+            o = replace(o, fields=tuple(fields.items()))  # without the PRUNED_SURVIVED mark
         try:
             r = record_for_outcome(
                 o,

@@ -19,6 +19,19 @@ if ((${#missing[@]})); then
     bash tests/cluster/cluster.sh install --base
 fi
 
+# Test-only, from Debian: faketime (libfaketime) lets tests/real/test_clock_step.py step the
+# daemon's wall clock without touching the machine's (its test skips without it).
+TEST_PKGS=(faketime)
+missing=()
+for pkg in "${TEST_PKGS[@]}"; do
+    dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null | grep -q '^ii' || missing+=("$pkg")
+done
+if ((${#missing[@]})) && [[ $(id -u) -eq 0 ]]; then
+    { apt-get update -q >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } ||
+        echo "setup.sh: could not install ${missing[*]}; the clock-step test will skip" >&2
+fi
+
 # Debian's python, not whatever python3 is first on PATH: systemd-python must build against it.
 [[ -x .venv/bin/python ]] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -189,3 +189,39 @@ def _adopt_one(
             return Result.GONE if d == dirs[0] else Result.FAILED
         steps.append(AdoptStep(key, d, Result.DONE))
     return result
+
+
+class AdoptFailures:
+    """Processes whose adoption the kernel refused, by (pid, starttime), with the error.
+
+    The policy's adopt_failure is applied to each once (pruned.rules.decide turns a later
+    adopt decision for it into that fallback), instead of retrying every sweep. Bounded;
+    a full snapshot forgets the processes it no longer shows.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.failed: dict[ProcKey, str] = {}
+
+    def remember(self, key: ProcKey, why: str) -> None:
+        self.failed.pop(key, None)
+        self.failed[key] = why[:200]
+        while len(self.failed) > self.limit:
+            del self.failed[next(iter(self.failed))]
+
+    def prune(self, live: set[ProcKey]) -> None:
+        """Keep only the processes of a full snapshot."""
+        self.failed = {k: v for k, v in self.failed.items() if k in live}
+
+    def view(self) -> dict[ProcKey, str]:
+        return dict(self.failed)
+
+
+def failure_reason(res: AdoptResult, key: ProcKey) -> str:
+    """The kernel's refusal for one failed key, as a short sentence."""
+    steps = [s for s in res.steps if s.key == key and s.result == Result.FAILED]
+    if steps:
+        return "; ".join(f"{s.cgroup}: {s.detail}" for s in steps)
+    if key in res.failed:
+        return "could not be opened or verified for the move"
+    return res.describe()

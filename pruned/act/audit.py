@@ -63,6 +63,9 @@ MESSAGE_IDS: Mapping[str, str] = {
     "policy_fallback": "91d37876e92a495784a4303b130215ce",
     "epilog_error": "b25999160fa540df91d0ce94eeb64cca",
     "epilog_timeout": "4f0e98bc036d43e9b47af85b057dfe5a",
+    "process_survived": "46c3c69205e046659ef887e37a449f85",
+    "file_sweep_stuck": "d6653e13ba7a45c0bae17ac9d3ce34e6",
+    "file_sweep_returned": "ccbd50ce18ae4594b38c43d8f21f97ea",
     "internal_error": "a98d3ff78eb048b5994595b320ae2ce5",
 }
 
@@ -82,6 +85,9 @@ PRIORITIES: Mapping[str, int] = {
     "policy_fallback": WARNING,  # the epilog could not use the policy: last good one, or nothing
     "epilog_error": WARNING,  # the epilog hit an internal error and exited 0 anyway
     "epilog_timeout": WARNING,  # the epilog ran out of its own time and exited 0
+    "process_survived": WARNING,  # outlived SIGKILL (D state): reported once, not re-killed
+    "file_sweep_stuck": WARNING,  # a file walk blocked in the kernel (hung NFS/FUSE): once
+    "file_sweep_returned": INFO,  # the stuck file walk came back; file sweeps go on
     "internal_error": WARNING,  # a bug stopped one item (a process, a file, a batch): skipped
     "process_gone": INFO,
     "action_held": INFO,

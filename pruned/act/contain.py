@@ -9,6 +9,7 @@ that sit in a Slurm job's cgroup or in another user's slice are never moved.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -16,12 +17,13 @@ import time
 from pruned.act.track import Track, track_exits
 from pruned.act.tree import Tree, expand
 from pruned.jobs.slurmpath import job_ids_in
-from pruned.linux.cgroupfs import Quarantine
+from pruned.linux.cgroupfs import Quarantine, subdirs
 from pruned.linux.pidfd import live_stat, send_signal
 from pruned.linux.procfs import StatFields, read_cgroup_lines, read_real_uid, read_stat, read_stats
 from pruned.model import ProcKey, Result
 
 FREEZE_WAIT = 1.0  # seconds to wait for a quarantine cgroup to report frozen
+_QUARANTINE_PREFIX = "pruned_quarantine_"  # + "<pid of the pruned that made it>_<hex>"
 _USER_SLICE = re.compile(r"/user-(\d+)\.slice(?:/|$)")
 
 
@@ -156,3 +158,36 @@ def end_game(
     while q.procs() and time.monotonic() < deadline:
         time.sleep(0.01)
     return joined
+
+
+def remove_stale_quarantines(cgroup_root: str, own: bool) -> list[str]:
+    """rmdir the empty quarantine cgroups left behind; the paths removed.
+
+    A kill whose survivor (D state) still sat in its quarantine could not remove it; once
+    the survivor died the empty directory stays. Removed: those of a pruned process that is
+    gone, and with `own` (the caller holds the act lock, so no kill of ours is running)
+    this process's own. rmdir of a cgroup that holds a process fails (EBUSY): one still in
+    use is never touched.
+    """
+    removed = []
+    me = os.getpid()
+    for base in (f"{cgroup_root}/freezer", f"{cgroup_root}/unified", cgroup_root):
+        try:
+            found = subdirs(base, _QUARANTINE_PREFIX)
+        except OSError:  # an unreadable hierarchy: nothing to tidy there
+            continue
+        for suffix, path in found:
+            pid_text = suffix.split("_", 1)[0]
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid == me and not own:
+                continue
+            if pid != me and os.path.exists(f"/proc/{pid}"):
+                continue  # another pruned (an epilog, say) may be using it right now
+            try:
+                os.rmdir(path)
+            except OSError:
+                continue
+            removed.append(path)
+    return removed

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from pruned import log
 from pruned.act.contain import contain as contain_tree
@@ -22,6 +22,7 @@ from pruned.act.track import Track, track_exits
 from pruned.act.tree import Tree, expand
 from pruned.linux.cgroupfs import Quarantine, quarantine_method
 from pruned.linux.pidfd import raise_nofile, send_signal
+from pruned.linux.procfs import read_stat
 from pruned.model import ProcKey, Result
 
 KILL_WAIT = 2.0  # seconds to wait for SIGKILLed processes to exit before calling them survivors
@@ -29,6 +30,68 @@ KILL_WAIT = 2.0  # seconds to wait for SIGKILLed processes to exit before callin
 # instead of exiting. A SIGTERM handler that runs a cleanup command forks a few.
 FORK_STORM = 16
 GRACE_POLL = 0.2  # seconds between looks at the quarantines during the grace
+
+REMIND_EVERY = 3600.0  # seconds between reminders about a process that outlived SIGKILL
+
+
+# ---------------------------------------------------------------- survivors
+
+
+def held_by_kernel(key: ProcKey, proc_root: str = "/proc") -> str | None:
+    """The state letter when `key` sleeps uninterruptibly (D) or is a zombie being reaped
+    (Z): SIGKILL is pending there and takes effect only when the kernel lets go (a wait on
+    a hung NFS server or FUSE daemon can last forever). None when it is gone, reused, or
+    in any other state."""
+    st = read_stat(key.pid, proc_root)
+    if st is None or st.starttime != key.starttime:
+        return None
+    return st.state if st.state in ("D", "Z") else None
+
+
+def read_wchan(pid: int, proc_root: str = "/proc") -> str:
+    """The kernel function pid sleeps in ("" when unknown): names the hung subsystem."""
+    try:
+        with open(f"{proc_root}/{pid}/wchan", "rb") as f:
+            w = f.read(256).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return "" if w == "0" else w
+
+
+@dataclass
+class Survivors:
+    """Processes that outlived SIGKILL, by identity (pid, starttime), across sweeps.
+
+    A process in D state keeps its pending SIGKILL and dies when the kernel lets it go; until
+    then signalling, freezing and reporting it again every sweep only costs each sweep the
+    kill grace and the freeze rounds (enough, with a few of them, to stall sweeps past the
+    watchdog). So the first sweep reports it, later sweeps leave it alone and remind once
+    every `remind_every` seconds while it lives. A pid reused by a new process is another
+    key: that one is judged afresh.
+    """
+
+    remind_every: float = REMIND_EVERY
+    clock: Callable[[], float] = time.monotonic
+    last_report: dict[ProcKey, float] = field(default_factory=dict)
+
+    def remember(self, key: ProcKey) -> None:
+        self.last_report[key] = self.clock()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.last_report
+
+    def reminder_due(self, key: ProcKey) -> bool:
+        """True (and the reminder counted as sent) when the last report is old enough."""
+        now = self.clock()
+        if now - self.last_report.get(key, now) >= self.remind_every:
+            self.last_report[key] = now
+            return True
+        return False
+
+    def retain(self, live: Collection[ProcKey]) -> None:
+        """Forget the ones that are gone (they finally died, or the pid is another's)."""
+        for key in [k for k in self.last_report if k not in live]:
+            del self.last_report[key]
 
 
 # ---------------------------------------------------------------- results

@@ -261,7 +261,9 @@ class EventBatcher:
 
     fork -> the child process (thread creation is ignored); exec/uid/sid -> that process;
     exit of a process -> dropped from pending and remembered in `exited` (its children
-    were reparented without an event, so the caller re-checks them).
+    were reparented without an event, so the caller re-checks them). `parents`: child ->
+    the process that forked it, for each fork of the batch (the only record of a parent
+    that exits before its child is read); `due` hands the batch's out as `batch_parents`.
     """
 
     def __init__(self, delay: float = 0.02, max_batch: int = 5000) -> None:
@@ -269,6 +271,8 @@ class EventBatcher:
         self.max_batch = max_batch
         self.pending: set[int] = set()
         self.exited: set[int] = set()
+        self.parents: dict[int, int] = {}
+        self.batch_parents: dict[int, int] = {}  # the parents of the batch `due` last gave
         self.first_at: float | None = None  # time of the first event of the pending batch
 
     def feed(self, events: Iterable[ProcEvent], now: float) -> None:
@@ -280,6 +284,8 @@ class EventBatcher:
             if what == "fork":
                 if ev.pid == ev.tgid:  # a new process, not a thread
                     pending.add(ev.tgid)
+                    if ev.ptgid:
+                        self.parents[ev.tgid] = ev.ptgid
             elif what in ("exec", "uid", "sid"):
                 pending.add(ev.tgid)
             elif what == "exit" and ev.pid == ev.tgid:
@@ -303,13 +309,16 @@ class EventBatcher:
         if left is None or left > 0:
             return None
         batch = (self.pending, self.exited)
+        parents = self.parents
         self.clear()
+        self.batch_parents = parents
         return batch
 
     def clear(self) -> None:
         """Forget everything pending (a full resync supersedes it)."""
         self.pending = set()
         self.exited = set()
+        self.parents = {}
         self.first_at = None
 
 
@@ -318,18 +327,21 @@ class EventWatcher:
 
     Callbacks run in the watcher thread. `on_lost(reason)` is called at once when events were
     lost; the caller must then resync with a full sweep (everything read before the call is
-    covered by it, so pending pids are dropped). Never does /proc I/O itself.
+    covered by it, so pending pids are dropped). Never does /proc I/O itself. With
+    `parents`, on_pids gets a third argument: child -> forking parent for the batch's forks.
     """
 
     def __init__(
         self,
-        on_pids: Callable[[set[int], set[int]], None],
+        on_pids: Callable[..., None],  # (changed, exited[, parents])
         on_lost: Callable[[str], None],
         delay: float = 0.02,
         max_batch: int = 5000,
         connector: ProcConnector | None = None,
+        parents: bool = False,
     ) -> None:
         self.on_pids = on_pids
+        self.parents = parents
         self.on_lost = on_lost
         self.batcher = EventBatcher(delay, max_batch)
         self.connector = connector if connector is not None else ProcConnector()
@@ -377,7 +389,10 @@ class EventWatcher:
             batch = batcher.due(now)
             if batch is not None:
                 self.batches += 1
-                self._call(self.on_pids, *batch)
+                if self.parents:
+                    self._call(self.on_pids, *batch, batcher.batch_parents)
+                else:
+                    self._call(self.on_pids, *batch)
 
     def _call(self, fn: Callable[..., None], *args: object) -> None:
         """Run a callback; one failing call must not stop the watcher."""

@@ -75,7 +75,7 @@ def _build(vals: dict[str, tuple[Any, Node]], sources: tuple[str, ...]) -> Polic
             continue
         if target == "dry_run":
             value = value == "report"
-        elif target in ("stray_action", "adopt_fallback"):
+        elif target in ("stray_action", "adopt_fallback", "adopt_failure"):
             value = Action(value)
         if "." in target:
             sub, attr = target.split(".")

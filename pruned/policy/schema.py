@@ -55,6 +55,17 @@ SCHEMA: dict[str, Any] = {
             ),
             "adopt_fallback",
         ),
+        "adopt_failure": _Field(
+            one_of(
+                "kill",
+                "ignore",
+                hints={
+                    "adopt": "adopt_failure is what happens when the kernel refused an "
+                    "adoption, so it cannot be 'adopt' again (expected kill or ignore)"
+                },
+            ),
+            "adopt_failure",
+        ),
         **{c: _Field(ignore_only(c), None) for c in CLASSES_IGNORE_ONLY},
     },
     "kill": {

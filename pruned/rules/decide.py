@@ -20,11 +20,13 @@ from pruned.model import (
     Policy,
     Proc,
     ProcClass,
+    ProcKey,
     Result,
     Snapshot,
     SweepPlan,
     Verdict,
 )
+from pruned.rules.lineage import LineageMark, evidence
 from pruned.rules.trust import is_kernel, is_root_daemon
 
 
@@ -93,23 +95,46 @@ def decide(
     protected: Collection[int] = (),
     uids: Collection[int] | None = None,
     exes: KnownExes | None = None,
+    lineage: Mapping[int, LineageMark] | None = None,
+    adopt_failed: Mapping[ProcKey, str] | None = None,
 ) -> SweepPlan:
     """Turn verdicts into decisions; rails, min_age, scope, report-only and the brake come last.
 
     `protected`: pids that must never be touched (pruned and its ancestors).
     `uids`: when given, only processes of these uids may be acted on.
+    `lineage`: pid -> the stray lineage it belongs to (pruned.rules.lineage.trace); a young
+    stray whose lineage has been stray for min_age is judged with it.
+    `adopt_failed`: processes whose adoption the kernel refused before, with the error:
+    their adoption is not retried, the policy's adopt_failure applies instead.
     """
     out: list[Decision] = []
     for pid in sorted(verdicts):
         proc = snap.procs[pid]
         d = choose_action(proc, verdicts[pid], jobs, policy)
+        if d.action is Action.ADOPT and adopt_failed and proc.key in adopt_failed:
+            fb = policy.adopt_failure
+            d = replace(d, action=fb, target_job=None,
+                        reason=f"adoption failed before ({adopt_failed[proc.key]}): "
+                        f"adopt_failure {fb}, not retried")  # fmt: skip
         if d.action is not Action.IGNORE:
             why, by = rail(proc, policy, protected, exes), HeldBy.RAIL
             if why is None and uids is not None and proc.uid not in uids:
                 why, by = "outside the --uid scope of this sweep", HeldBy.SCOPE
-            if why is None and snap.age(proc) < policy.min_age:
-                why = f"younger than min_age {policy.min_age:g}s: judged later"
-                by = HeldBy.YOUNG
+            if why is None and (age := snap.age(proc)) < policy.min_age:
+                mark = lineage.get(pid) if lineage else None
+                grown = snap.taken_at - mark.since if mark is not None else 0.0
+                if mark is not None and grown >= policy.min_age:
+                    # Young, but of a lineage that is not: min_age shields a new login or
+                    # step, never the fresh child of a stray that re-forks and exits.
+                    line = evidence(mark, age, grown, policy.min_age)
+                    v = d.verdict
+                    g = mark.group
+                    group = (g.kind, g.gid, mark.since) if g is not None else None
+                    d = replace(d, verdict=replace(v, evidence=(*v.evidence, line)),
+                                reason=f"{d.reason}; {line}", lineage_group=group)  # fmt: skip
+                else:
+                    why = f"younger than min_age {policy.min_age:g}s: judged later"
+                    by = HeldBy.YOUNG
             if why is not None:
                 d = held(d, why, by)
         out.append(d)

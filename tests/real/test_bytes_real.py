@@ -141,7 +141,7 @@ def sweep_policy(tmp: Path, body: str = "") -> Path:
     p = tmp / "policy.yaml"
     p.write_text(
         "version: 1\nmode: enforce\nmin_age: 0s\nevents: false\n"
-        "kill:\n  grace: 1s\n  max_per_sweep: 50\n"
+        "kill:\n  grace: 1s\n  brake:\n    max_uids: 3\n"
         f"jobs:\n  sources: [statedir]\n  state_dir: {state}\n"
         f"audit:\n  fallback_file: {tmp}/audit.jsonl\n" + (body or "cleanup:\n  enabled: false\n")
     )
