@@ -28,15 +28,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pruned.act.remove import execute_cleanup
+from pruned.lineage import LineageMemory
 from pruned.linux.proccache import ProcCache
 from pruned.model import Policy
 from pruned.policy.facts import resolve_facts
+from pruned.reactor import Reactor
 from pruned.rules.cleanplan import CleanupPlan, JobDirItem
 from pruned.sweep import run_sweep
 
@@ -135,7 +138,13 @@ def daemon_child(proc: Path) -> dict:
     facts = resolve_facts(policy)
     cache = ProcCache(full_every=1e9)
     cache.attach()  # as the daemon does once its event watcher listens (none here)
-    kw = dict(dry_run=True, uids={59999}, proc_root=str(proc), cache=cache)
+    # The daemon's other memories across sweeps: lineages of strays (bounded), and the
+    # reactor's parent -> children map, seeded from each sweep (the worker swaps the new one
+    # in: both are held for a moment, as here).
+    kw = dict(dry_run=True, uids={59999}, proc_root=str(proc), cache=cache,
+              lineage=LineageMemory())
+    reactor = Reactor(lambda: (policy, facts, NullSink()), lambda _f: None, threading.Lock())
+    held: dict | None = None
     out: dict = {"idle": rss_mb()}
     for step in ("full", "incremental", "full again"):
         cache.full_every = 0 if step == "full again" else 1e9
@@ -144,8 +153,11 @@ def daemon_child(proc: Path) -> dict:
         out[step + "_s"], out[step + "_cpu"] = time.perf_counter() - t, time.process_time() - c
         assert cache.last is not None and cache.last.full == (step != "incremental")
         out["procs"] = len(report.observation.snap.procs)
+        held = reactor._seed
+        reactor.seed(report.observation.snap)
         del report
         out[step] = rss_mb()
+    del held
     return out
 
 
@@ -230,8 +242,8 @@ def main() -> int:
             f"| {r['two_sweeps']:.1f} | {r.get('clean_dry', float('nan')):.1f} "
             f"| {r.get('clean', float('nan')):.1f} | {peak / cap:.0%} |"
         )
-    print("\nThe daemon's model (ProcCache attached, reports dropped): RSS MB after each sweep, "
-          "CPU s of each\n")
+    print("\nThe daemon's model (ProcCache attached, lineage memory, the reactor's children "
+          "maps, reports dropped): RSS MB after each sweep, CPU s of each\n")
     print("| processes | idle MB | full MB | incremental MB | full again MB | full / incr / "
           "full CPU s | peak / MemoryMax |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
