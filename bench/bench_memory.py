@@ -11,7 +11,8 @@ process is classified and none is acted on, as bench_daemon.py's cost runs), twi
 first report kept alive (the daemon holds the last sweep while the next runs), then the
 file cleanup the daemon's file sweep runs, `pruned.act.remove.execute_cleanup`, of a job
 directory holding W files (dry-run, then real). It reports ru_maxrss after each step
-against the unit's MemoryMax.
+against the unit's MemoryMax. A second child per N runs the daemon's model with events on
+(daemon_child): a ProcCache between sweeps, each report dropped once handled.
 
     sudo .venv/bin/python bench/bench_memory.py [--procs 1000,20000,100000] [--files 1000000]
 """
@@ -27,14 +28,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pruned.act.remove import execute_cleanup
+from pruned.lineage import LineageMemory
+from pruned.linux.proccache import ProcCache
 from pruned.model import Policy
 from pruned.policy.facts import resolve_facts
+from pruned.reactor import Reactor
 from pruned.rules.cleanplan import CleanupPlan, JobDirItem
 from pruned.sweep import run_sweep
 
@@ -125,13 +130,45 @@ def child(proc: Path, job: Path, files: int) -> dict:
     return out
 
 
-def in_child(proc: Path, job: Path, files: int) -> dict:
+def daemon_child(proc: Path) -> dict:
+    """What the daemon holds with events on (pruned.service): the ProcCache between sweeps,
+    each report dropped once handled. A full read, an incremental one (nothing changed),
+    then a full one again (schedule.full_sweep came round) while the cache is in place."""
+    policy = Policy()
+    facts = resolve_facts(policy)
+    cache = ProcCache(full_every=1e9)
+    cache.attach()  # as the daemon does once its event watcher listens (none here)
+    # The daemon's other memories across sweeps: lineages of strays (bounded), and the
+    # reactor's parent -> children map, seeded from each sweep (the worker swaps the new one
+    # in: both are held for a moment, as here).
+    kw = dict(dry_run=True, uids={59999}, proc_root=str(proc), cache=cache,
+              lineage=LineageMemory())
+    reactor = Reactor(lambda: (policy, facts, NullSink()), lambda _f: None, threading.Lock())
+    held: dict | None = None
+    out: dict = {"idle": rss_mb()}
+    for step in ("full", "incremental", "full again"):
+        cache.full_every = 0 if step == "full again" else 1e9
+        t, c = time.perf_counter(), time.process_time()
+        report = run_sweep(policy, facts, NullSink(), **kw)
+        out[step + "_s"], out[step + "_cpu"] = time.perf_counter() - t, time.process_time() - c
+        assert cache.last is not None and cache.last.full == (step != "incremental")
+        out["procs"] = len(report.observation.snap.procs)
+        held = reactor._seed
+        reactor.seed(report.observation.snap)
+        del report
+        out[step] = rss_mb()
+    del held
+    return out
+
+
+def in_child(proc: Path, job: Path, files: int, fn=None) -> dict:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            os.write(w, json.dumps(child(proc, job, files)).encode())
+            res = child(proc, job, files) if fn is None else fn(proc)
+            os.write(w, json.dumps(res).encode())
             os._exit(0)
         except BaseException as e:
             os.write(w, json.dumps({"error": repr(e)}).encode())
@@ -165,6 +202,7 @@ def main() -> int:
         check=True,
     )
     rows = []
+    drows: list[dict] = []
     try:
         for n in (int(x) for x in a.procs.split(",")):
             proc = mnt / f"proc{n}"
@@ -175,6 +213,9 @@ def main() -> int:
             res = in_child(proc, job, a.files)
             rows.append((n, res))
             print(f"# {n}: {res}", file=sys.stderr, flush=True)
+            dres = in_child(proc, job, 0, daemon_child)
+            drows.append(dres)
+            print(f"# {n} daemon model: {dres}", file=sys.stderr, flush=True)
             shutil.rmtree(proc)
             if job.exists():
                 shutil.rmtree(job)
@@ -201,6 +242,16 @@ def main() -> int:
             f"| {r['two_sweeps']:.1f} | {r.get('clean_dry', float('nan')):.1f} "
             f"| {r.get('clean', float('nan')):.1f} | {peak / cap:.0%} |"
         )
+    print("\nThe daemon's model (ProcCache attached, lineage memory, the reactor's children "
+          "maps, reports dropped): RSS MB after each sweep, CPU s of each\n")
+    print("| processes | idle MB | full MB | incremental MB | full again MB | full / incr / "
+          "full CPU s | peak / MemoryMax |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in drows:
+        peak = max(r["idle"], r["full"], r["incremental"], r["full again"])
+        print(f"| {r['procs']:,} | {r['idle']:.1f} | {r['full']:.1f} | {r['incremental']:.1f} "
+              f"| {r['full again']:.1f} | {r['full_cpu']:.2f} / {r['incremental_cpu']:.2f} / "
+              f"{r['full again_cpu']:.2f} | {peak / cap:.0%} |")
     return 0
 
 

@@ -389,6 +389,9 @@ class Policy:
     sweep_interval: float = 60.0
     clean_interval: float = 600.0
     jobs_interval: float = 30.0
+    # With events on, sweeps between full reads re-read only the processes that changed
+    # (pruned.linux.proccache); every sweep reads all of /proc at least this often. 0: always.
+    full_sweep_interval: float = 600.0
     events: bool = True
     audit_fallback: str | None = None  # None: decided by where pruned runs
     metrics_textfile: str | None = None

@@ -53,6 +53,7 @@ from pruned.linux import connector as events
 from pruned.linux import procfs
 from pruned.linux.atomic import ensure_private_dir, write_atomic, write_json_atomic
 from pruned.linux.blocked import Blocked, blocked_in
+from pruned.linux.proccache import ProcCache
 from pruned.model import JobView, Policy, Result
 from pruned.policy import lastgood
 from pruned.policy.facts import NodeFacts, resolve_facts
@@ -165,6 +166,8 @@ class Daemon:
         # Kept across sweeps and shared with the event path (pruned.lineage, act.adopt).
         self.lineage = LineageMemory()
         self.adopt_failures = AdoptFailures()
+        # The last sweep's records, for steady-state sweeps while events run (proccache).
+        self.proc_cache = ProcCache(policy.full_sweep_interval)
 
     # ------------------------------------------------------------ jobs
 
@@ -209,8 +212,10 @@ class Daemon:
         policy, facts, sink = self.context()
         try:
             with self.act_lock:
+                self.proc_cache.full_every = policy.full_sweep_interval
                 report = run_sweep(policy, facts, sink, uids=self.uids, lineage=self.lineage,
-                                   adopt_failures=self.adopt_failures, survivors=self.survivors)
+                                   adopt_failures=self.adopt_failures, survivors=self.survivors,
+                                   cache=self.proc_cache)
                 # Quarantines a survivor kept until it died (no kill runs while we hold it).
                 remove_stale_quarantines(policy.slurm.cgroup_root, own=True)
         except Exception:
@@ -241,6 +246,10 @@ class Daemon:
 
     def status(self, report: SweepReport, files_note: str = "") -> str:
         s = report.summary()
+        read = self.proc_cache.last
+        if read is not None:  # steady-state sweeps: how this one read /proc
+            s += (f"; full read ({read.why})" if read.full
+                  else f"; incremental read: {read.reread} re-read, {read.kept} kept")
         if self.events_note:
             s += f"; {self.events_note}"
         if files_note:
@@ -355,11 +364,21 @@ class Daemon:
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
                                on_report=self.on_event_report, lineage=self.lineage,
                                adopt_failures=self.adopt_failures).start()
-        self.watcher = events.EventWatcher(self.reactor.on_pids, self.on_lost,
+        self.watcher = events.EventWatcher(self.on_pids, self.on_lost,
                                            parents=True).start()  # fmt: skip
+        self.proc_cache.attach()  # listening now: the next full sweep can found the cache
         self.events_note = "events on"
 
+    def on_pids(self, changed: set[int], exited: set[int],
+                parents: dict[int, int] | None = None) -> None:
+        """One event batch (watcher thread, never blocks): for the cache, then the reactor."""
+        self.proc_cache.mark(changed, exited)
+        reactor = self.reactor
+        if reactor is not None:
+            reactor.on_pids(changed, exited, parents)
+
     def stop_events(self) -> None:
+        self.proc_cache.detach()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
@@ -369,6 +388,7 @@ class Daemon:
 
     def on_lost(self, reason: str) -> None:
         """Events were lost: a full sweep right now catches whatever they would have shown."""
+        self.proc_cache.lost(reason)
         self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
         # At most one resync waits; a loss during a running sweep makes one more after it.
         if self.sweeper is not None:

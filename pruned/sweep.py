@@ -39,6 +39,7 @@ from pruned.jobs.source import JobSource, read_jobs
 from pruned.jobs.statedir import StateDirSource
 from pruned.lineage import LineageMemory
 from pruned.linux import exeid, procfs
+from pruned.linux.proccache import ProcCache
 from pruned.linux.users import user_name
 from pruned.model import (
     Action,
@@ -61,12 +62,15 @@ from pruned.rules.decide import apply_brake, decide, recheck
 from pruned.rules.lineage import trace
 
 
-def make_sources(policy: Policy) -> list[JobSource]:
-    """The job sources the policy names, in its order."""
+def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSource]:
+    """The job sources the policy names, in its order. `cache`: the ProcCache of the
+    snapshot just taken (its memo spares the Slurm source's walk for unchanged processes)."""
     out: list[JobSource] = []
     for name in policy.job_sources:
         if name == "slurm":
-            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd))
+            memo = None if cache is None else (cache.unchanged, cache.memo("slurm"))
+            out.append(SlurmCgroupSource(policy.slurm.cgroup_root, policy.slurm.stepd, memo=memo,
+                                         pids=None if cache is None else cache.listed))
         elif name == "statedir":
             out.append(StateDirSource(policy.state_dir))
     return out
@@ -106,18 +110,22 @@ def observe(
     proc_root: str = "/proc",
     lineage: LineageMemory | None = None,
     adopt_failures: AdoptFailures | None = None,
+    cache: ProcCache | None = None,
 ) -> Observation:
     """Read the node and decide, without acting: what scan, explain and every sweep start with.
 
     `lineage`: the daemon's memory of stray lineages (without it, only what this snapshot
     shows: a stray parent, a session with an older stray); `adopt_failures`: processes whose
-    adoption was refused before (not retried).
+    adoption was refused before (not retried); `cache`: the daemon's ProcCache (steady-state
+    sweeps re-read only what changed).
     """
     known_exes.cache_clear()  # re-resolve configured exe symlinks once per full observation
     exes = known_exes(policy)
-    snap = pin_host_exes(procfs.snapshot(proc_root, exe_all=bool(policy.whitelist.exe)), exes,
-                         proc_root)  # fmt: skip
-    jobs = read_jobs(make_sources(policy) if sources is None else sources)
+    exe_all = bool(policy.whitelist.exe)
+    raw = (procfs.snapshot(proc_root, exe_all=exe_all) if cache is None
+           else cache.snapshot(proc_root, exe_all=exe_all))  # fmt: skip
+    snap = pin_host_exes(raw, exes, proc_root)
+    jobs = read_jobs(make_sources(policy, cache) if sources is None else sources)
     verdicts = classify(snap, jobs, policy, facts, exes)
     if lineage is not None:
         marks = lineage.observe(snap, verdicts, full=True)
@@ -667,6 +675,7 @@ def run_sweep(
     lineage: LineageMemory | None = None,
     adopt_failures: AdoptFailures | None = None,
     survivors: Survivors | None = None,
+    cache: ProcCache | None = None,
 ) -> SweepReport:
     """Observe, decide, act (or would), and write one audit record per decision + a summary.
 
@@ -678,7 +687,7 @@ def run_sweep(
     started = time.time()
     sweep_id = new_sweep_id()
     obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root,
-                  lineage=lineage, adopt_failures=adopt_failures)  # fmt: skip
+                  lineage=lineage, adopt_failures=adopt_failures, cache=cache)  # fmt: skip
     if survivors is not None:
         survivors.retain({p.key for p in obs.snap.procs.values()})
         obs = replace(obs, plan=spare_survivors(obs.plan, survivors, policy))

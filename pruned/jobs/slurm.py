@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from pruned.jobs.slurmpath import (
@@ -89,6 +89,8 @@ class SlurmCgroupSource:
         search_v2: bool = True,
         find_outside_stepds: bool = True,
         stepd_grace: float = 10.0,
+        memo: tuple[Callable[[int], bool], dict] | None = None,
+        pids: Callable[[], Collection[int] | None] | None = None,
     ) -> None:
         self.cgroup_root = cgroup_root.rstrip("/") or "/"
         self.stepd_paths = frozenset(stepd_paths)
@@ -98,6 +100,13 @@ class SlurmCgroupSource:
         self.v2_scopes = tuple(s.rstrip("/") for s in v2_scopes)
         self.search_v2 = search_v2
         self.find_outside_stepds = find_outside_stepds
+        # (unchanged, store) of the daemon's ProcCache (pruned.linux.proccache): the walks
+        # for slurmd and for outside stepds skip what they cleared last time (_walk_for).
+        # The store is emptied whenever the cache is not trusted.
+        self.memo = memo
+        # The pids of the snapshot this read goes with, instead of listing /proc again (a
+        # process that started since gets no verdict this sweep either); None: list /proc.
+        self.pids = pids
         self.stepd_grace = stepd_grace
 
     def read(self) -> JobView:
@@ -120,6 +129,7 @@ class _SlurmRead:
         self._status: dict[int, StatusFields | None] = {}
         self._stepd: dict[int, bool] = {}
         self._exe_denied = False
+        self._pid_list: list[int] | None = None
 
     # -------------------------------------------------------- top level
 
@@ -335,23 +345,55 @@ class _SlurmRead:
                 continue
             if self._live_root_with_exe(pid, self.slurmd_paths):
                 return True
-        return any(self._live_root_with_exe(pid, self.slurmd_paths) for pid in self._pids())
+        return bool(self._walk_for(self.slurmd_paths, "slurmd", first=True))
 
     def _pids(self) -> list[int]:
-        return procfs.list_pids(self.src.proc_root)
+        """The pids in /proc, listed once per read (both walks of _finish use them)."""
+        if self._pid_list is None:
+            got = self.src.pids() if self.src.pids is not None else None
+            self._pid_list = list(got) if got is not None else procfs.list_pids(self.src.proc_root)
+        return self._pid_list
+
+    def _walk_for(self, paths: frozenset[str], key: str, *, first: bool = False,
+                  skip: Collection[int] = ()) -> list[int]:
+        """The live genuine root processes running one of `paths`, by one readlink per pid
+        not in `skip` (only the first one found when `first`).
+
+        With the daemon's ProcCache (src.memo), a pid this walk cleared last time is not read
+        again while the cache says nothing happened to it since: becoming such a process takes
+        an exec or a uid change, and either marks it. What a `first` walk did not reach
+        stays unknown, so only the pids it read are remembered.
+        """
+        unchanged, store = self.src.memo if self.src.memo is not None else (None, {})
+        mine = store.get(key)
+        before: set[int] = mine[1] if mine is not None and mine[0] == paths else set()
+        cleared: set[int] = set()
+        found: list[int] = []
+        for pid in self._pids():
+            if pid in skip:
+                continue  # not judged, so never remembered: it may leave the cgroup
+            if pid in before and unchanged is not None and unchanged(pid):
+                cleared.add(pid)
+            elif self._live_root_with_exe(pid, paths):
+                found.append(pid)
+                if first:
+                    break
+            else:
+                cleared.add(pid)
+        if self.src.memo is not None:
+            store[key] = (paths, cleared)
+        return found
 
     def _outside_stepds(self) -> list[int]:
         """Live root slurmstepds older than the grace in no job cgroup and no `system` slot."""
         out = []
-        for pid in self._pids():
-            if pid in self.members or pid in self.infra_pids:
-                continue
-            if self._live_root_with_exe(pid, self.stepd_paths):
-                st = procfs.read_stat(pid, self.src.proc_root)
-                age = None if st is None else procfs.age_of(st.starttime, self.src.proc_root)
-                # A new stepd runs for a moment before it moves itself into its job cgroup.
-                if age is None or age >= self.src.stepd_grace:
-                    out.append(pid)
+        for pid in self._walk_for(self.stepd_paths, "stepd",
+                                  skip=self.members.keys() | self.infra_pids):  # fmt: skip
+            st = procfs.read_stat(pid, self.src.proc_root)
+            age = None if st is None else procfs.age_of(st.starttime, self.src.proc_root)
+            # A new stepd runs for a moment before it moves itself into its job cgroup.
+            if age is None or age >= self.src.stepd_grace:
+                out.append(pid)
         return out
 
     def _infer_uid(self, acc: _JobAcc) -> int | None:

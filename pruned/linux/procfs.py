@@ -14,7 +14,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
 from pruned.model import DEAD_STATES, Proc, Snapshot
@@ -178,6 +178,18 @@ def snapshot(proc_root: str = "/proc", *, exe_all: bool = False) -> Snapshot:
         os.close(dfd)
         if gc_was_enabled:
             gc.enable()
+    return Snapshot(
+        procs=procs,
+        taken_at=taken_at,
+        boot_time=btime,
+        clk_tck=_CLK_TCK,
+        vanished=vanished,
+        unreadable=unreadable_notes(garbled, hidden, denied),
+    )
+
+
+def unreadable_notes(garbled: int, hidden: int, denied: int) -> tuple[str, ...]:
+    """Snapshot.unreadable: one line per kind of record the walk could not read in full."""
     unreadable: list[str] = []
     if garbled:
         unreadable.append(f"stat of {garbled} processes garbled: skipped")
@@ -186,18 +198,28 @@ def snapshot(proc_root: str = "/proc", *, exe_all: bool = False) -> Snapshot:
     if denied:
         hint = "permission denied" if os.geteuid() == 0 else "run as root"
         unreadable.append(f"exe of {denied} processes not readable: {hint}")
-    return Snapshot(
-        procs=procs,
-        taken_at=taken_at,
-        boot_time=btime,
-        clk_tck=_CLK_TCK,
-        vanished=vanished,
-        unreadable=tuple(unreadable),
-    )
+    return tuple(unreadable)
 
 
 def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]:
     """First pass: stat (+ status and exe for root-owned); second pass: exe of root's children."""
+    procs, root_owned, vanished, garbled, denied, hidden = read_some(dfd, os.listdir(dfd), exe_all)
+    denied += exe_pass(dfd, procs, root_owned, exe_all, procs)
+    return procs, vanished, garbled, denied, hidden
+
+
+def is_root_owned(p: Proc) -> bool:
+    """A user-space process whose status showed real or effective uid 0 (what the exe pass
+    keys on: the exe of its children is read)."""
+    return p.uid_exact and (p.uid == 0 or p.euid == 0)
+
+
+def read_some(
+    dfd: int, names: Iterable[str], exe_all: bool
+) -> tuple[dict[int, Proc], set[int], int, int, int, int]:
+    """The first pass over the /proc entries `names` (non-pid names are skipped): (records,
+    root-owned pids, vanished, garbled, exe denied, hidden). pruned.linux.proccache re-reads
+    the changed processes of an incremental sweep through this very loop."""
     # Local bindings: this loop runs once per process, and global/attribute lookups show up.
     _open, _fstat, _read, _close, _readlink = os.open, os.fstat, os.read, os.close, os.readlink
     rdonly = os.O_RDONLY | os.O_CLOEXEC
@@ -206,8 +228,13 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
     procs: dict[int, Proc] = {}
     root_owned: set[int] = set()
     vanished = garbled = denied = hidden = 0
+    # One object per distinct comm, owner and parent pid rather than one per process: at
+    # 100,000 processes these copies were ~140 bytes of every record (bench_memory.py), and a
+    # dict hit is cheaper than decoding the comm again.
+    comms: dict[bytes, str] = {}
+    ints: dict[int, int] = {}
 
-    for name in os.listdir(dfd):
+    for name in names:
         if not name.isdigit():
             continue
         try:
@@ -243,8 +270,17 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
         except ValueError:  # UnicodeDecodeError is a ValueError
             garbled += 1
             continue
-        comm = data[lpar + 1 : rpar].decode("utf-8", "surrogateescape")  # see _decode_comm
+        raw = data[lpar + 1 : rpar]
+        comm = comms.get(raw)
+        if comm is None:
+            comm = comms[raw] = raw.decode("utf-8", "surrogateescape")  # see _decode_comm
         pid = int(name)
+        ppid = ints.setdefault(ppid, ppid)
+        owner = ints.setdefault(owner, owner)
+        if pgrp == pid:
+            pgrp = pid
+        if session == pgrp:
+            session = pgrp
         if owner and not flags & kflag:
             procs[pid] = Proc(
                 pid,
@@ -296,9 +332,20 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
             pid, starttime, ppid, uid, comm, state, False, euid, True, exe, (), pgrp, session
         )
 
-    # Second pass: the exe of every process whose parent is root-owned (sshd's user session
-    # under "sshd: user [priv]", slurmstepd's tasks, daemons reparented to pid 1), or of all.
-    for pid, p in procs.items():
+    return procs, root_owned, vanished, garbled, denied, hidden
+
+
+def exe_pass(
+    dfd: int, procs: dict[int, Proc], root_owned: Collection[int], exe_all: bool,
+    pids: Iterable[int],
+) -> int:
+    """Second pass, over `pids` of `procs` (updated in place): the exe of every process whose
+    parent is root-owned (sshd's user session under "sshd: user [priv]", slurmstepd's tasks,
+    daemons reparented to pid 1), or of all. Returns how many exe links were denied."""
+    _readlink = os.readlink
+    denied = 0
+    for pid in pids:  # only values are replaced: iterating procs itself is fine
+        p = procs[pid]
         if p.kthread or p.exe is not None:
             continue
         if not (exe_all or (p.ppid in root_owned and pid not in root_owned)):
@@ -312,7 +359,7 @@ def _walk(dfd: int, exe_all: bool) -> tuple[dict[int, Proc], int, int, int, int]
             continue
         procs[pid] = Proc(pid, p.starttime, p.ppid, p.uid, p.comm, p.state, False,
                           p.euid, p.uid_exact, exe, (), p.pgid, p.sid)  # fmt: skip
-    return procs, vanished, garbled, denied, hidden
+    return denied
 
 
 def read_proc(pid: int, proc_root: str = "/proc", *, cgroups: bool = True) -> Proc | None:

@@ -111,6 +111,7 @@ SCHEMA: dict[str, Any] = {
         "sweep": _Field(duration(True), "sweep_interval"),
         "clean": _Field(duration(True), "clean_interval"),
         "jobs": _Field(duration(True), "jobs_interval"),
+        "full_sweep": _Field(duration(False), "full_sweep_interval"),
     },
     "events": _Field(boolean, "events"),
     "audit": {"fallback_file": _Field(optional_path, "audit_fallback")},

@@ -50,10 +50,14 @@ def rail(
     return None
 
 
+# One reason string per class, not one per process (most of a sweep's decisions are these).
+_NEVER = {c: f"class {c}: never acted on" for c in ProcClass}
+
+
 def choose_action(proc: Proc, verdict: Verdict, jobs: JobView, policy: Policy) -> Decision:
     """The policy's action for one classified process, before rails and brakes."""
     if verdict.cls is not ProcClass.STRAY:
-        return Decision(proc, verdict, Action.IGNORE, f"class {verdict.cls}: never acted on")
+        return Decision(proc, verdict, Action.IGNORE, _NEVER[verdict.cls])
     action = policy.stray_action
     if action is Action.ADOPT:
         job = jobs.newest_for(proc.uid)

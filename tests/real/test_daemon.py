@@ -416,6 +416,40 @@ def test_event_path_kills_new_stray_between_sweeps(tmp_path, make_user, start_da
     assert d.stop() == 0
 
 
+def test_sweeps_between_full_reads_are_incremental_with_events_on(tmp_path, make_user,
+                                                                   start_daemon):
+    """The daemon feeds its event batches to the ProcCache: after the first full read, the
+    sweeps re-read only what changed until schedule.full_sweep comes round; without events
+    every sweep is full."""
+    user = make_user("prd")
+    d = start_daemon(write_policy(tmp_path, events=True, schedule={"sweep": "1500ms",
+                                                                   "full_sweep": "4s"}),
+                     [user.uid])  # fmt: skip
+    d.ready()
+    deadline = time.monotonic() + 30
+    while True:
+        statuses = [s for _, s in d.notify.lines() if s.startswith("STATUS=sweep ")]
+        fulls = [s for s in statuses if "; full read (" in s]
+        if any("incremental read:" in s for s in statuses) and len(fulls) >= 2:
+            break
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.1)
+    assert "full read (events started)" in fulls[0]
+    assert any("full_sweep interval" in s or "events lost" in s for s in fulls[1:]), fulls
+    pid = plant_stray(user, "prd_incr_stray")  # still judged and killed (by either path)
+    assert wait_dead(pid, 10)
+    assert d.stop() == 0
+    d2 = start_daemon(write_policy(tmp_path, events=False, schedule={"sweep": "1500ms"}),
+                      [user.uid])  # fmt: skip
+    d2.ready()
+    deadline = time.monotonic() + 10
+    while len(st := [s for _, s in d2.notify.lines() if s.startswith("STATUS=sweep ")]) < 2:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+    assert all("; full read (events off)" in s for s in st), st
+    assert d2.stop() == 0
+
+
 def test_sighup_turning_events_on_starts_the_event_path(tmp_path, make_user, start_daemon):
     user = make_user("prd")
     d = start_daemon(write_policy(tmp_path, events=False, schedule={"sweep": FAR}), [user.uid])
