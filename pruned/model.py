@@ -15,6 +15,10 @@ UID_RAIL = 99
 # /proc/PID/stat states of a process that has exited: a zombie waiting to be reaped ("Z"),
 # or dead ("X", and "x" on kernels 3.9-3.13). Never a target; counts as gone for every wait.
 DEAD_STATES = frozenset("ZXx")
+# A thread-group leader that ended with SYS_exit while its other threads run: the kernel shows
+# it as Z, yet the process lives (and a user can make one at will, so Z alone would shield a
+# stray from every kill). procfs reports it as "Zl", as ps does; it is not in DEAD_STATES.
+LIVE_LEADER = "Zl"
 
 
 class ProcClass(StrEnum):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
-from pruned.model import DEAD_STATES, Proc, Snapshot
+from pruned.model import DEAD_STATES, LIVE_LEADER, Proc, Snapshot
 from pruned.text import decode
 
 # include/linux/sched.h: set for every kernel thread (kthreadd and its children). Only the
@@ -64,9 +64,12 @@ def _split_stat(data: bytes) -> tuple[bytes, str, int, int, int, int, int]:
     if len(f) < 21:
         raise ValueError(f"truncated stat: {len(f)} fields after comm, need at least 20")
     try:
+        state = f[0].decode("ascii")
+        if state in DEAD_STATES and int(f[17]) > 1:  # field 20, num_threads
+            state = LIVE_LEADER
         return (
             data[lpar + 1 : rpar],
-            f[0].decode("ascii"),
+            state,
             int(f[1]),
             int(f[2]),
             int(f[3]),
@@ -225,6 +228,7 @@ def read_some(
     rdonly = os.O_RDONLY | os.O_CLOEXEC
     kflag = PF_KTHREAD
     states = _STATES
+    dead = DEAD_STATES
     procs: dict[int, Proc] = {}
     root_owned: set[int] = set()
     vanished = garbled = denied = hidden = 0
@@ -264,6 +268,8 @@ def read_some(
             if lpar < 0 or rpar < lpar or len(f) < 21:
                 raise ValueError
             state = states.get(f[0]) or f[0].decode("ascii")
+            if state in dead and int(f[17]) > 1:  # see _split_stat
+                state = LIVE_LEADER
             ppid, pgrp, session, flags, starttime = (
                 int(f[1]), int(f[2]), int(f[3]), int(f[6]), int(f[19])
             )  # fmt: skip

@@ -331,3 +331,28 @@ def test_stray_in_a_non_utf8_directory_is_killed_and_audited(tmp_path, make_user
     finally:
         p.kill()
         p.wait()
+
+
+def test_stray_whose_main_thread_exited_is_killed(tmp_path, make_user, journald):
+    """Attack: the main thread ends with SYS_exit while another thread runs on. The kernel
+    shows the process as Z (a zombie leader), which pruned took for "already dead": the stray
+    was immune to every sweep. num_threads > 1 says it lives; one sweep kills it."""
+    zed = make_user("prsz")
+    code = (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "time.sleep(0.2)\n"
+        "ctypes.CDLL(None).syscall(60, 0)\n"  # SYS_exit (x86-64): this thread only
+    )
+    setsid_as(zed, f"exec -a zed_leader python3 -c '{code}'")
+    pid = wait_for_pid(zed.uid, "zed_leader")
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the main thread never exited"
+        time.sleep(0.05)
+    assert len(os.listdir(f"/proc/{pid}/task")) == 2  # a Z leader and a live thread
+    r = sweep(write_policy(tmp_path), zed.uid)
+    assert r.returncode == 0, r.stderr
+    assert wait_dead([pid], 10), r.stdout
+    [rec] = journald.wait_records(PRUNED_UID=str(zed.uid), PRUNED_EVENT="process_killed")
+    assert rec["PRUNED_PID"] == str(pid)

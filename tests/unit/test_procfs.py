@@ -20,9 +20,10 @@ def stat_text(
     session: int = 42,
     flags: int = 4194304,
     starttime: int = 123456,
+    threads: int = 1,
 ) -> str:
     """A /proc/PID/stat line shaped like the kernel's (52 fields)."""
-    after = [state, ppid, pgrp, session, 0, -1, flags, 100, 0, 0, 0, 1, 2, 0, 0, 20, 0, 1, 0]
+    after = [state, ppid, pgrp, session, 0, -1, flags, 100, 0, 0, 0, 1, 2, 0, 0, 20, 0, threads, 0]
     after += [starttime, 3133440, 394, U64] + [0] * 29
     return f"{pid} ({comm}) " + " ".join(str(x) for x in after) + "\n"
 
@@ -43,6 +44,8 @@ GOOD = [
         ("kthreadd", "S", 0, 0, 0, 24, True),
     ),
     ("zombie", stat_text(state="Z"), ("sleep", "Z", 1, 42, 42, 123456, False)),
+    # The leader ended with SYS_exit, another thread runs on: alive, as ps's "Zl" says.
+    ("zombie-leader", stat_text(state="Z", threads=2), ("sleep", "Zl", 1, 42, 42, 123456, False)),
     (
         "idle-kworker",
         stat_text(state="I", flags=PF_KTHREAD),
