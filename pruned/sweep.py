@@ -294,14 +294,7 @@ def _follow_lineages(
                 break
         if not todo:
             break
-        verified = []
-        for d in todo:
-            stop = reverify(d, jobs, proc_root)
-            if stop is not None:
-                out.append(Outcome(d, stop[0], stop[1]))
-            else:
-                verified.append(d)
-        new = _act(verified, snap, jobs, policy, False, proc_root)
+        new = _act_reverified(todo, snap, jobs, policy, proc_root)
         acted |= {k for o in new for k in o.signalled}
         out += new
     return out
@@ -414,15 +407,21 @@ def _after_adopt_failures(
                        f"exceed kill.brake.max_uids={policy.brake_max_uids})")
         out[i] = replace(o, detail=f"{o.detail}; adopt_failure {applied}",
                          fields=(*o.fields, ("PRUNED_ADOPT_FAILURE", fb.value)))  # fmt: skip
+    return out + _act_reverified(kills, snap, jobs, policy, proc_root)
+
+
+def _act_reverified(ds: Sequence[Decision], snap: Snapshot, jobs: JobView, policy: Policy,
+                    proc_root: str) -> list[Outcome]:
+    """Follow-up kills: each decision re-read first (reverify), acted on only if it holds."""
+    out: list[Outcome] = []
     todo: list[Decision] = []
-    for d in kills:
+    for d in ds:
         stop = reverify(d, jobs, proc_root)
         if stop is not None:
             out.append(Outcome(d, stop[0], stop[1]))
         else:
             todo.append(d)
-    out += _act(todo, snap, jobs, policy, False, proc_root)
-    return out
+    return out + _act(todo, snap, jobs, policy, False, proc_root)
 
 
 INTERNAL_ERROR_FIELD = "PRUNED_INTERNAL_ERROR"  # on an outcome a bug cut short: not a survivor

@@ -28,6 +28,7 @@ from pruned.linux.pidfd import open_verified
 from pruned.linux.procfs import PF_KTHREAD, read_cgroup_lines
 from pruned.model import ProcKey, Result
 from tests.fixtures.paths import REPO
+from tests.fixtures.pids import pids_limit
 from tests.fixtures.users import User, alive, kill_uid_processes, pids_of_uid, run_as
 
 CG = "/sys/fs/cgroup"
@@ -335,31 +336,8 @@ def test_pid_reuse_never_redirects_a_signal(tmp_path: Path) -> None:
 
 @pytest.fixture
 def pids_cgroup() -> Iterator[str]:
-    path = f"{CG}/pids/pruned_test_{secrets.token_hex(4)}"
-    if not os.path.isdir(f"{CG}/pids"):
-        pytest.skip("no v1 pids controller")
-    os.mkdir(path)
-    Path(path, "pids.max").write_text("2000")
-    yield path
-    # Whatever is left in it is the test's bomb: forbid forks, then kill by pid until empty.
-    Path(path, "pids.max").write_text("0")
-    deadline = time.monotonic() + 60
-    while pids := [int(x) for x in Path(path, "cgroup.procs").read_text().split()]:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path}: bomb processes will not die: {pids[:10]}")
-        time.sleep(0.05)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            os.rmdir(path)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    with pids_limit(2000) as path:
+        yield path
 
 
 def _method_available(method: str) -> bool:

@@ -21,11 +21,8 @@ is the shipped one unless a test says otherwise.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -43,6 +40,7 @@ from pruned.policy.load import load_policy
 from pruned.reactor import Reactor
 from pruned.sweep import make_sources, run_sweep
 from tests.fixtures.paths import REPO
+from tests.fixtures.pids import pids_limit
 from tests.fixtures.users import (
     User,
     alive,
@@ -127,30 +125,8 @@ def stray_tree(user: User, name: str, children: int = 1) -> list[int]:
 @pytest.fixture
 def pids_cgroup() -> Iterator[str]:
     """A root-made v1 pids cgroup that the bomb's first process enters before it forks."""
-    if not os.path.isdir(f"{CG}/pids"):
-        pytest.skip("no v1 pids controller")
-    path = f"{CG}/pids/pruned_test_{secrets.token_hex(4)}"
-    os.mkdir(path)
-    Path(path, "pids.max").write_text("1000")
-    yield path
-    Path(path, "pids.max").write_text("0")  # whatever is left forks no more: kill it by pid
-    deadline = time.monotonic() + 60
-    while pids := [int(x) for x in Path(path, "cgroup.procs").read_text().split()]:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path}: bomb processes will not die: {pids[:10]}")
-        time.sleep(0.05)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            os.rmdir(path)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    with pids_limit(1000) as path:
+        yield path
 
 
 def test_a_fork_bomb_of_one_user_dies_in_one_sweep(tmp_path, make_user, pids_cgroup):
