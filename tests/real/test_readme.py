@@ -37,7 +37,7 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "pruned scan --class stray": ("tests/pkg/run.sh", "pruned scan --class stray"),
     "systemctl enable --now pruned": ("tests/vm", "systemctl enable --now pruned"),
     "install -d /etc/slurm/epilog.d": ("tests/real/test_readme.py", "test_readme_epilog_glob"),
-    "ln -s /usr/sbin/pruned-epilog /etc/slurm/epilog.d/10-pruned": (
+    "ln -s /usr/sbin/pruned-epilog /etc/slurm/epilog.d/90-pruned": (
         "tests/real/test_readme.py",
         "test_readme_epilog_glob",
     ),
@@ -154,7 +154,9 @@ def test_readme_epilog_glob(tmp_path: Path) -> None:
             ["bash", "-c", cmd.replace(" /", f" {root}/")], capture_output=True, text=True
         )
         assert r.returncode == 0, (cmd, r.stderr)
-    link = root / "etc/slurm/epilog.d/10-pruned"
+    # The link README makes: the last word of its `ln -s` line.
+    made = next(c for c in block if c.startswith("ln -s ")).split()[-1]
+    link = root / made.lstrip("/")
     assert link.is_symlink()
     # The glob of README's slurm.conf line matches it, and it runs.
     glob = re.search(r"^Epilog=(\S+)", text, flags=re.M)
