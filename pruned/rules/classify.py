@@ -52,13 +52,16 @@ def classify(
     policy: Policy,
     facts: Facts,
     exes: KnownExes | None = None,
+    known: Mapping[int, Verdict] | None = None,
 ) -> dict[int, Verdict]:
     """Classify every process of the snapshot. Returns pid -> Verdict.
 
     `exes`: the trusted executables with their symlink targets resolved (sweep.known_exes);
-    without it, the policy's paths as configured.
+    without it, the policy's paths as configured. `known`: verdicts that still hold, taken
+    as they are (rules.steady.carry: the last sweep's, for processes whose inputs did not
+    change).
     """
-    return _Classifier(snap, jobs, policy, facts, exes).run()
+    return _Classifier(snap, jobs, policy, facts, exes).run(known)
 
 
 class _Classifier:
@@ -83,8 +86,11 @@ class _Classifier:
         self._sshd_anc: dict[int, int | None] = {}
         self._uid_verdicts: dict[tuple[int, str], Verdict] = {}
 
-    def run(self) -> dict[int, Verdict]:
-        return {pid: self.verdict(p) for pid, p in self.procs.items()}
+    def run(self, known: Mapping[int, Verdict] | None = None) -> dict[int, Verdict]:
+        if not known:
+            return {pid: self.verdict(p) for pid, p in self.procs.items()}
+        get = known.get  # a Verdict is never falsy
+        return {pid: get(pid) or self.verdict(p) for pid, p in self.procs.items()}
 
     # ---------------------------------------------------------------- lineage
 
