@@ -9,10 +9,12 @@ call it a stray.
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -60,7 +62,7 @@ from pruned.policy.facts import NodeFacts
 from pruned.rules.classify import classify
 from pruned.rules.decide import apply_brake, decide, recheck
 from pruned.rules.lineage import trace
-from pruned.rules.steady import Basis, Carried, VerdictMemo, carry, remember
+from pruned.rules.steady import Basis, VerdictMemo, carry, remember
 
 
 def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSource]:
@@ -129,31 +131,47 @@ def observe(
     jobs = read_jobs(make_sources(policy, cache) if sources is None else sources)
     memo = verdict_memo(cache)
     basis = Basis(policy, facts, exes)
-    carried = carry(memo, snap.procs, jobs, basis) if memo is not None else Carried({}, {})
-    verdicts = classify(snap, jobs, policy, facts, exes, known=carried.verdicts)
-    if lineage is not None:
-        marks = lineage.observe(snap, verdicts, full=True)
-    else:
-        marks = trace(snap, verdicts, {}, {})[0]
-    failed = None
-    if adopt_failures is not None:
-        adopt_failures.prune(LiveKeys(snap.procs))
-        failed = adopt_failures.view()
-    plan = decide(
-        snap,
-        verdicts,
-        jobs,
-        policy,
-        protected=protected_pids(proc_root),
-        uids=uids,
-        exes=exes,
-        lineage=marks,
-        adopt_failed=failed,
-        known=carried.decisions,
-    )
-    if memo is not None:
-        remember(memo, basis, plan, jobs, carried)
+    with _gc_paused():  # pure work allocating a record or two per process: see _gc_paused
+        carried = carry(memo, snap.procs, jobs, basis) if memo is not None else {}
+        verdicts = classify(snap, jobs, policy, facts, exes, known=carried)
+        if lineage is not None:
+            marks = lineage.observe(snap, verdicts, full=True)
+        else:
+            marks = trace(snap, verdicts, {}, {})[0]
+        failed = None
+        if adopt_failures is not None:
+            adopt_failures.prune(LiveKeys(snap.procs))
+            failed = adopt_failures.view()
+        plan = decide(
+            snap,
+            verdicts,
+            jobs,
+            policy,
+            protected=protected_pids(proc_root),
+            uids=uids,
+            exes=exes,
+            lineage=marks,
+            adopt_failed=failed,
+            known=memo.decisions if memo is not None else None,
+        )
+        if memo is not None:
+            remember(memo, basis, plan, snap.procs, jobs, carried)
     return Observation(snap, jobs, verdicts, plan, exes)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile (as in procfs.snapshot). Judging 100,000
+    processes allocates a verdict and a decision each: enough young objects for a full
+    collection that walks every record of the snapshot and the memories, ~10% of a full
+    sweep. These records hold no cycles; reference counting frees them."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def verdict_memo(cache: ProcCache | None) -> VerdictMemo | None:

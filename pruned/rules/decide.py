@@ -107,9 +107,10 @@ def decide(
     stray whose lineage has been stray for min_age is judged with it.
     `adopt_failed`: processes whose adoption the kernel refused before, with the error:
     their adoption is not retried, the policy's adopt_failure applies instead.
-    `known`: decisions that still hold (rules.steady.carry: the last sweep's, of non-strays
-    whose record and verdict are the same objects), taken as they are; a stray is always
-    decided here, for min_age is time.
+    `known`: earlier decisions (the last sweep's, rules.steady). One is taken as it is when
+    it was made for the very same record and verdict objects and is not a stray's: a
+    non-stray is ignored whatever else holds. A stray is always decided here (min_age is
+    time; the lineage, scope, adoption failures and the brake move).
     """
     out: list[Decision] = []
     get = known.get if known else None

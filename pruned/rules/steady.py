@@ -14,8 +14,9 @@ are what they were when it was made:
 - the policy, the node facts and the known executables (`Basis`): any change, and nothing
   is carried.
 
-A decision (rules.decide) is carried only for a non-stray: `ignore`, whatever the time, the
-brake, the scope or the rails say. A stray's decision is made again every sweep from its
+A decision is taken again (rules.decide, `known`: the memo's decisions) only for a non-stray
+whose record and verdict are the very objects it was made for: `ignore`, whatever the time,
+the brake, the scope or the rails say. A stray's decision is made again every sweep from its
 verdict: min_age is time (a stray younger than min_age becomes actionable later, by no
 event), and its lineage, adoption failures, the --uid scope and the brake all move.
 
@@ -38,7 +39,6 @@ from pruned.model import (
     Membership,
     Policy,
     Proc,
-    ProcClass,
     SweepPlan,
     Verdict,
 )
@@ -68,14 +68,6 @@ class VerdictMemo:
     canon_floor: int = 0  # len(canon) after it was last rebuilt
 
 
-@dataclass(frozen=True, slots=True)
-class Carried:
-    """What a sweep takes from the memo: verdicts to keep, and of those, the decisions."""
-
-    verdicts: dict[int, Verdict]
-    decisions: dict[int, Decision]  # non-strays whose record is the very same object
-
-
 _UNSEEN = object()
 
 
@@ -89,11 +81,14 @@ def _same(a: Proc, b: Proc) -> bool:
     )  # fmt: skip
 
 
-def carry(memo: VerdictMemo, procs: Mapping[int, Proc], jobs: JobView, basis: Basis) -> Carried:
-    """The verdicts (and non-stray decisions) of the last sweep that still hold for `procs`
-    judged against `jobs` under `basis`; everything else must be judged again."""
+def carry(memo: VerdictMemo, procs: Mapping[int, Proc], jobs: JobView,
+          basis: Basis) -> dict[int, Verdict]:  # fmt: skip
+    """The verdicts of the last sweep that still hold for `procs` judged against `jobs`
+    under `basis`; every other process must be judged again. (The decisions to go with them
+    are memo.decisions: rules.decide takes one again only for the same record and verdict
+    objects, and never a stray's.)"""
     if memo.basis is None or memo.basis != basis or not memo.decisions:
-        return Carried({}, {})
+        return {}
     old = memo.decisions
     members = memo.members
     membership = jobs.membership
@@ -132,7 +127,6 @@ def carry(memo: VerdictMemo, procs: Mapping[int, Proc], jobs: JobView, basis: Ba
         return t
 
     verdicts: dict[int, Verdict] = {}
-    decisions: dict[int, Decision] = {}
     get_old, get_member, get_om = old.get, membership.get, members.get
     for pid, p in procs.items():
         d = get_old(pid)
@@ -157,32 +151,27 @@ def carry(memo: VerdictMemo, procs: Mapping[int, Proc], jobs: JobView, basis: Ba
                 t = twin(m)
             if t is None or t is not get_om(pid):
                 continue  # a membership it did not have, or its job changed
-        v = d.verdict
-        verdicts[pid] = v
-        if d.proc is p and v.cls is not ProcClass.STRAY:
-            decisions[pid] = d
-    return Carried(verdicts, decisions)
+        verdicts[pid] = d.verdict
+    return verdicts
 
 
-def remember(memo: VerdictMemo, basis: Basis, plan: SweepPlan, jobs: JobView,
-             carried: Carried) -> None:  # fmt: skip
-    """Update the memo from this sweep's plan: one decision per process of the snapshot,
-    and the membership and job each was judged with. Costs what changed, not the table."""
+def remember(memo: VerdictMemo, basis: Basis, plan: SweepPlan, procs: Mapping[int, Proc],
+             jobs: JobView, carried: Mapping[int, Verdict]) -> None:  # fmt: skip
+    """Update the memo from this sweep: its decision of every process in `procs` (the
+    plan's), and the membership and job each verdict judged afresh was judged with.
+    `carried`: what carry() gave this sweep. Costs what changed, not the table."""
     if memo.basis != basis:
         memo.basis = basis
         memo.decisions, memo.members, memo.canon, memo.jobs = {}, {}, {}, {}
     decisions, members, canon = memo.decisions, memo.members, memo.canon
-    kept = carried.verdicts
-    now = {d.proc.pid: d for d in plan.decisions if d.proc.pid not in carried.decisions}
-    for pid in decisions.keys() - now.keys() - carried.decisions.keys():
+    for pid in decisions.keys() - procs.keys():
         del decisions[pid]  # gone from the snapshot
         members.pop(pid, None)
-    decisions.update(now)
+    get = decisions.get
+    decisions.update({d.proc.pid: d for d in plan.decisions if get(d.proc.pid) is not d})
     membership = jobs.membership
     by_id: dict[int, Membership] = {}  # id(this view's membership) -> its memo twin
-    for pid in now:
-        if pid in kept:
-            continue  # its membership is the memo's already (compared by identity)
+    for pid in procs.keys() - carried.keys():  # judged afresh: by its membership of now
         m = membership.get(pid)
         if m is None:
             members.pop(pid, None)

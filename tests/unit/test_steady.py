@@ -4,10 +4,11 @@ scratch. The node is test_classify's."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from pruned.model import (
     Action,
+    Decision,
     HeldBy,
     Job,
     JobView,
@@ -16,27 +17,39 @@ from pruned.model import (
     ProcClass,
     Snapshot,
     SweepPlan,
+    Verdict,
     WhitelistPolicy,
 )
 from pruned.rules.classify import classify
 from pruned.rules.decide import decide
-from pruned.rules.steady import Basis, Carried, VerdictMemo, carry, remember
+from pruned.rules.steady import Basis, VerdictMemo, carry, remember
 from tests.unit.test_classify import FACTS, JOBS, NOW, SNAP, P
 
 POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a sweep took from the memo: verdicts, and decisions (the very same objects)."""
+
+    verdicts: dict[int, Verdict]
+    decisions: dict[int, Decision]
 
 
 def judge(memo: VerdictMemo, snap: Snapshot, jobs: JobView = JOBS, policy: Policy = POLICY,
           facts=FACTS) -> tuple[SweepPlan, Carried]:  # fmt: skip
     """One sweep as sweep.observe makes it with the memo: carry, classify, decide, remember."""
     basis = Basis(policy, facts, None)  # type: ignore[arg-type]
-    carried = carry(memo, snap.procs, jobs, basis)
-    verdicts = classify(snap, jobs, policy, facts, known=carried.verdicts)
-    plan = decide(snap, verdicts, jobs, policy, known=carried.decisions)
-    remember(memo, basis, plan, jobs, carried)
+    before = dict(memo.decisions)
+    verdicts = carry(memo, snap.procs, jobs, basis)
+    plan = decide(snap, classify(snap, jobs, policy, facts, known=verdicts), jobs, policy,
+                  known=memo.decisions)  # fmt: skip
+    remember(memo, basis, plan, snap.procs, jobs, verdicts)
     # The safety property: whatever was carried, the plan is the one judged from scratch.
     assert plan == fresh(snap, jobs, policy, facts)
-    return plan, carried
+    kept = {d.proc.pid: d for d in plan.decisions if before.get(d.proc.pid) is d}
+    assert all(d.verdict.cls is not ProcClass.STRAY for d in kept.values())
+    return plan, Carried(verdicts, kept)
 
 
 def fresh(snap: Snapshot, jobs: JobView = JOBS, policy: Policy = POLICY, facts=FACTS) -> SweepPlan:
