@@ -132,8 +132,9 @@ def observe(
     memo = verdict_memo(cache)
     basis = Basis(policy, facts, exes)
     with _gc_paused():  # pure work allocating a record or two per process: see _gc_paused
-        carried = carry(memo, snap.procs, jobs, basis) if memo is not None else {}
-        verdicts = classify(snap, jobs, policy, facts, exes, known=carried)
+        carried = carry(memo, snap.procs, jobs, basis) if memo is not None else None
+        verdicts = classify(snap, jobs, policy, facts, exes,
+                            known=carried.verdict if carried is not None else None)
         if lineage is not None:
             marks = lineage.observe(snap, verdicts, full=True)
         else:

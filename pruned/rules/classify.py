@@ -52,14 +52,14 @@ def classify(
     policy: Policy,
     facts: Facts,
     exes: KnownExes | None = None,
-    known: Mapping[int, Verdict] | None = None,
+    known: Callable[[int, Proc], Verdict | None] | None = None,
 ) -> dict[int, Verdict]:
     """Classify every process of the snapshot. Returns pid -> Verdict.
 
     `exes`: the trusted executables with their symlink targets resolved (sweep.known_exes);
-    without it, the policy's paths as configured. `known`: verdicts that still hold, taken
-    as they are (rules.steady.carry: the last sweep's, for processes whose inputs did not
-    change).
+    without it, the policy's paths as configured. `known(pid, proc)`: a verdict that still
+    holds, taken as it is, or None (rules.steady.carry: the last sweep's, for a process
+    whose inputs did not change).
     """
     return _Classifier(snap, jobs, policy, facts, exes).run(known)
 
@@ -90,11 +90,12 @@ class _Classifier:
         # verdicts, not 100,000 copies of the same sentences (~400 bytes each).
         self._shared: dict[tuple, Verdict] = {}
 
-    def run(self, known: Mapping[int, Verdict] | None = None) -> dict[int, Verdict]:
-        if not known:
+    def run(self, known: Callable[[int, Proc], Verdict | None] | None = None
+            ) -> dict[int, Verdict]:  # fmt: skip
+        if known is None:
             return {pid: self.verdict(p) for pid, p in self.procs.items()}
-        get = known.get  # a Verdict is never falsy
-        return {pid: get(pid) or self.verdict(p) for pid, p in self.procs.items()}
+        # a Verdict is never falsy
+        return {pid: known(pid, p) or self.verdict(p) for pid, p in self.procs.items()}
 
     # ---------------------------------------------------------------- lineage
 

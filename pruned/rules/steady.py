@@ -27,7 +27,7 @@ be trusted (the caller keeps it in ProcCache.memo, emptied by every full read).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pruned.model import (
@@ -81,19 +81,30 @@ def _same(a: Proc, b: Proc) -> bool:
     )  # fmt: skip
 
 
+@dataclass(slots=True)
+class Carry:
+    """carry()'s answer for one sweep: `verdict(pid, proc)` is the last sweep's verdict of
+    that process if it still holds, else None (and the pid is noted in `judged`, the ones
+    classify judges afresh). Asked once per process, so nothing per process is built."""
+
+    verdict: Callable[[int, Proc], Verdict | None]
+    judged: list[int]
+
+
 def carry(memo: VerdictMemo, procs: Mapping[int, Proc], jobs: JobView,
-          basis: Basis) -> dict[int, Verdict]:  # fmt: skip
-    """The verdicts of the last sweep that still hold for `procs` judged against `jobs`
-    under `basis`; every other process must be judged again. (The decisions to go with them
-    are memo.decisions: rules.decide takes one again only for the same record and verdict
-    objects, and never a stray's.)"""
+          basis: Basis) -> Carry | None:  # fmt: skip
+    """What of the last sweep's verdicts still holds for `procs` judged against `jobs` under
+    `basis` (None: nothing, judge all). The decisions to go with them are memo.decisions:
+    rules.decide takes one again only for the same record and verdict objects, and never a
+    stray's."""
     if memo.basis is None or memo.basis != basis or not memo.decisions:
-        return {}
+        return None
     old = memo.decisions
     members = memo.members
     membership = jobs.membership
-    stable: dict[int, bool] = {}  # pid -> its record and its whole chain are unchanged
+    stable: dict[int, bool] = {}  # parent pid -> its record and its whole chain are unchanged
     same_member: dict[int, Membership | None] = {}  # id(new membership) -> its memo twin
+    judged: list[int] = []
 
     def chain_ok(pid: int) -> bool:
         path: list[int] = []
@@ -126,40 +137,37 @@ def carry(memo: VerdictMemo, procs: Mapping[int, Proc], jobs: JobView,
         same_member[id(m)] = t
         return t
 
-    verdicts: dict[int, Verdict] = {}
-    get_old, get_member, get_om = old.get, membership.get, members.get
-    for pid, p in procs.items():
+    get_old, get_member, get_om, get_stable = old.get, membership.get, members.get, stable.get
+    refuse = judged.append
+
+    def verdict(pid: int, p: Proc) -> Verdict | None:
         d = get_old(pid)
-        if d is None:
-            continue
-        if d.proc is not p and not _same(p, d.proc):
-            stable[pid] = False
-            continue
-        ok = stable.get(p.ppid)
-        if ok is None:
-            ok = chain_ok(p.ppid)
-        stable[pid] = ok
-        if not ok:
-            continue
+        if d is None or (d.proc is not p and not _same(p, d.proc)):
+            return refuse(pid)
+        ok = get_stable(p.ppid)
+        if not (ok or (ok is None and chain_ok(p.ppid))):
+            return refuse(pid)
         m = get_member(pid)
         if m is None:
             if pid in members:
-                continue  # it left its job's cgroup
+                return refuse(pid)  # it left its job's cgroup
         else:
             t = same_member.get(id(m), _UNSEEN)
             if t is _UNSEEN:
                 t = twin(m)
             if t is None or t is not get_om(pid):
-                continue  # a membership it did not have, or its job changed
-        verdicts[pid] = d.verdict
-    return verdicts
+                return refuse(pid)  # a membership it did not have, or its job changed
+        return d.verdict
+
+    return Carry(verdict, judged)
 
 
 def remember(memo: VerdictMemo, basis: Basis, plan: SweepPlan, procs: Mapping[int, Proc],
-             jobs: JobView, carried: Mapping[int, Verdict]) -> None:  # fmt: skip
+             jobs: JobView, carried: Carry | None) -> None:  # fmt: skip
     """Update the memo from this sweep: its decision of every process in `procs` (the
     plan's), and the membership and job each verdict judged afresh was judged with.
-    `carried`: what carry() gave this sweep. Costs what changed, not the table."""
+    `carried`: what carry() gave this sweep (None: every process was judged afresh).
+    Costs what changed, not the table."""
     if memo.basis != basis:
         memo.basis = basis
         memo.decisions, memo.members, memo.canon, memo.jobs = {}, {}, {}, {}
@@ -171,7 +179,7 @@ def remember(memo: VerdictMemo, basis: Basis, plan: SweepPlan, procs: Mapping[in
     decisions.update({d.proc.pid: d for d in plan.decisions if get(d.proc.pid) is not d})
     membership = jobs.membership
     by_id: dict[int, Membership] = {}  # id(this view's membership) -> its memo twin
-    for pid in procs.keys() - carried.keys():  # judged afresh: by its membership of now
+    for pid in procs if carried is None else carried.judged:  # by its membership of now
         m = membership.get(pid)
         if m is None:
             members.pop(pid, None)

@@ -99,8 +99,9 @@ def test_a_young_stray_comes_of_age_without_an_event(
     policy = Policy(min_age=min_age)
     facts = resolve_facts(policy)
 
-    def sweep():
-        return observe(policy, facts, sources=[NoJobs()], cache=watched.cache)
+    def sweep():  # scoped: other users' strays on a shared machine must not trip the brake
+        return observe(policy, facts, sources=[NoJobs()], cache=watched.cache,
+                       uids={user_a.uid})
 
     try:
         sweep()  # founds the cache

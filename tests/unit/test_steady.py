@@ -41,15 +41,16 @@ def judge(memo: VerdictMemo, snap: Snapshot, jobs: JobView = JOBS, policy: Polic
     """One sweep as sweep.observe makes it with the memo: carry, classify, decide, remember."""
     basis = Basis(policy, facts, None)  # type: ignore[arg-type]
     before = dict(memo.decisions)
-    verdicts = carry(memo, snap.procs, jobs, basis)
-    plan = decide(snap, classify(snap, jobs, policy, facts, known=verdicts), jobs, policy,
-                  known=memo.decisions)  # fmt: skip
-    remember(memo, basis, plan, snap.procs, jobs, verdicts)
+    c = carry(memo, snap.procs, jobs, basis)
+    verdicts = classify(snap, jobs, policy, facts, known=c.verdict if c else None)
+    plan = decide(snap, verdicts, jobs, policy, known=memo.decisions)
+    remember(memo, basis, plan, snap.procs, jobs, c)
+    carried = {pid: v for pid, v in verdicts.items() if c is not None and pid not in c.judged}
     # The safety property: whatever was carried, the plan is the one judged from scratch.
     assert plan == fresh(snap, jobs, policy, facts)
     kept = {d.proc.pid: d for d in plan.decisions if before.get(d.proc.pid) is d}
     assert all(d.verdict.cls is not ProcClass.STRAY for d in kept.values())
-    return plan, Carried(verdicts, kept)
+    return plan, Carried(carried, kept)
 
 
 def fresh(snap: Snapshot, jobs: JobView = JOBS, policy: Policy = POLICY, facts=FACTS) -> SweepPlan:
