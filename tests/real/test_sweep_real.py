@@ -246,6 +246,19 @@ def test_term_respawning_stray_leaves_nothing_after_one_sweep(tmp_path, make_use
     assert max(int(k["PRUNED_JOINED"]) for k in kills) >= 1
 
 
+def assert_forgery_is_a_stray(policy: Path, wl: Path, forged: int, genuine: int) -> None:
+    """`pruned scan`: the forged process shows the whitelisted exe path and is a plain stray;
+    the genuine one is whitelist.exe."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pruned.cli", "scan", "--json", "--policy", str(policy)],
+        capture_output=True, text=True, timeout=120, cwd=str(REPO),
+    )  # fmt: skip
+    rows = {d["pid"]: d for d in map(json.loads, r.stdout.splitlines())}
+    assert rows[forged]["exe"] == str(wl)  # the path it shows is the whitelisted one
+    assert (rows[forged]["class"], rows[forged]["rule"]) == ("stray", "stray.default")
+    assert rows[genuine]["rule"] == "whitelist.exe"
+
+
 def test_whitelisted_exe_path_forged_in_a_mount_namespace_is_not_whitelisted(tmp_path, make_user):
     """Attack: a user shows the whitelisted path from a mount namespace of their own (their
     binary bind-mounted over it). Only the host's file at that path (same device and inode)
@@ -282,14 +295,7 @@ def test_whitelisted_exe_path_forged_in_a_mount_namespace_is_not_whitelisted(tmp
             except OSError:
                 pass
             time.sleep(0.02)
-        r = subprocess.run(
-            [sys.executable, "-m", "pruned.cli", "scan", "--json", "--policy", str(policy)],
-            capture_output=True, text=True, timeout=120, cwd=str(REPO),
-        )  # fmt: skip
-        rows = {d["pid"]: d for d in map(json.loads, r.stdout.splitlines())}
-        assert rows[forged.pid]["exe"] == str(wl)  # the path it shows is the whitelisted one
-        assert (rows[forged.pid]["class"], rows[forged.pid]["rule"]) == ("stray", "stray.default")
-        assert rows[genuine.pid]["rule"] == "whitelist.exe"
+        assert_forgery_is_a_stray(policy, wl, forged.pid, genuine.pid)
     finally:
         for p in (forged, genuine):
             p.kill()
@@ -342,14 +348,7 @@ def test_exe_link_set_from_a_user_namespace_is_not_whitelisted(tmp_path, make_us
         while os.readlink(f"/proc/{genuine.pid}/exe") != str(wl):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        r = subprocess.run(
-            [sys.executable, "-m", "pruned.cli", "scan", "--json", "--policy", str(policy)],
-            capture_output=True, text=True, timeout=120, cwd=str(REPO),
-        )  # fmt: skip
-        rows = {d["pid"]: d for d in map(json.loads, r.stdout.splitlines())}
-        assert rows[forged.pid]["exe"] == str(wl)
-        assert (rows[forged.pid]["class"], rows[forged.pid]["rule"]) == ("stray", "stray.default")
-        assert rows[genuine.pid]["rule"] == "whitelist.exe"
+        assert_forgery_is_a_stray(policy, wl, forged.pid, genuine.pid)
     finally:
         for p in (forged, genuine):
             p.kill()
