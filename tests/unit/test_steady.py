@@ -207,3 +207,31 @@ def test_the_memo_forgets_processes_that_are_gone() -> None:
     assert not {700, 701, 710} & memo.decisions.keys()
     assert 710 not in memo.members
     assert set(memo.decisions) == set(SNAP.procs) - {700, 701, 710}
+
+
+def test_live_keys_name_exactly_the_snapshot_processes() -> None:
+    """What the adopt-failure and survivor memories keep: a reused pid is not the same key."""
+    from pruned.model import ProcKey
+    from pruned.sweep import LiveKeys
+
+    keys = LiveKeys(SNAP.procs)
+    p = SNAP.procs[700]
+    assert p.key in keys and ProcKey(700, p.starttime + 1) not in keys
+    assert ProcKey(4242, 1) not in keys and "700" not in keys
+    assert set(keys) == {q.key for q in SNAP.procs.values()} and len(keys) == len(SNAP.procs)
+
+
+def test_the_reactors_seeded_children_take_new_children_and_give_them_back() -> None:
+    """The seeded map holds tuples; an event's child turns that entry into a set."""
+    from pruned.reactor import add_child
+
+    children: dict = {1: (10, 11), 5: {50}}
+    add_child(children, 1, 12)
+    add_child(children, 1, 10)  # already there
+    add_child(children, 5, 51)
+    add_child(children, 7, 70)
+    assert children == {1: {10, 11, 12}, 5: {50, 51}, 7: {70}}
+    pids: set[int] = set()
+    pids.update(children.pop(1, ()))
+    pids.update(children.pop(99, ()))
+    assert pids == {10, 11, 12}
