@@ -389,6 +389,9 @@ class Daemon:
     def on_lost(self, reason: str) -> None:
         """Events were lost: a full sweep right now catches whatever they would have shown."""
         self.proc_cache.lost(reason)
+        reactor = self.reactor
+        if reactor is not None:
+            reactor.lost()
         self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
         # At most one resync waits; a loss during a running sweep makes one more after it.
         if self.sweeper is not None:
