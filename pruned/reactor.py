@@ -17,6 +17,7 @@ read in full and judged by the same classify/decide as before. See `_triage`.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import queue
@@ -176,6 +177,10 @@ class Reactor:
             self._thread.join(10)
 
     def _run(self) -> None:
+        # Named for top -H, ps -L and the benches (Python does not name OS threads).
+        comm = f"/proc/self/task/{threading.get_native_id()}/comm"
+        with contextlib.suppress(OSError), open(comm, "w") as f:
+            f.write("pruned-reactor")
         try:
             self._loop()
         finally:
