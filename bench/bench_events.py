@@ -286,7 +286,8 @@ def main() -> int:
     ap.add_argument("--storms", type=int, default=4, help="forkers in the storm")
     ap.add_argument("--cost-window", type=float, default=10.0,
                     help="seconds of load alone for the CPU per new process")
-    ap.add_argument("--skip-poll", action="store_true")
+    ap.add_argument("--cases", default="none,burst,storm,poll",
+                    help="which runs, comma-separated (the closing line needs all four)")
     ap.add_argument("--nice", type=int, help="run the daemon at this nice, not the unit's Nice=")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1)
@@ -319,14 +320,18 @@ def main() -> int:
                            strayer.uid, more_uids=(burster.uid, stormer.uid), nice=nice)
             daemons.append(ev.start())
             mode = "events on, sweep 10 min"
-            runs.append(measure(ev, "none", mode, strayer, cg_a, args, args.gap, None))
-            burst = start_burst(burster, cg_b, args.burst, args.bursters)
-            runs.append(measure(ev, f"burst {args.burst:,} new processes/s", mode, strayer,
-                                cg_a, args, args.gap, burst))
-            runs.append(measure(ev, f"fork storm ({args.storms} forkers)", mode, strayer,
-                                cg_a, args, args.gap, start_storm(stormer, cg_c, args.storms)))
+            if "none" in args.cases:
+                runs.append(measure(ev, "none", mode, strayer, cg_a, args, args.gap, None))
+            if "burst" in args.cases:
+                burst = start_burst(burster, cg_b, args.burst, args.bursters)
+                runs.append(measure(ev, f"burst {args.burst:,} new processes/s", mode, strayer,
+                                    cg_a, args, args.gap, burst))
+            if "storm" in args.cases:
+                storm = start_storm(stormer, cg_c, args.storms)
+                runs.append(measure(ev, f"fork storm ({args.storms} forkers)", mode, strayer,
+                                    cg_a, args, args.gap, storm))
             ev.stop()
-            if not args.skip_poll:
+            if "poll" in args.cases:
                 poll = bd.Daemon(work, "poll", bd.write_policy(work, "poll", events=False,
                                                                sweep="1s", grace="500ms"),
                                  strayer.uid, more_uids=(burster.uid, stormer.uid), nice=nice)
@@ -339,11 +344,12 @@ def main() -> int:
         print(f"\nkernel {os.uname().release}, {os.cpu_count()} CPUs, daemon at nice {nice} "
               f"({whence}), load average {os.getloadavg()[0]:.1f} at the end; other users' "
               "processes ran meanwhile (the machine is shared).")
-        loaded = [bd.pct(r.from_fork_ms, 99) for r in runs[1:3]]
-        worst = max(loaded) if loaded else float("nan")
-        if any(r.missed for r in runs[1:3]):
+        loaded = [r for r in runs if r.label.startswith(("burst", "fork storm"))]
+        worst = max((bd.pct(r.from_fork_ms, 99) for r in loaded), default=float("nan"))
+        if any(r.missed for r in loaded):
             worst = float("inf")  # a stray not dead within the timeout: no p99 to speak of
-        cpu = runs[1].reactor_us_per_new if len(runs) > 1 else float("nan")
+        cpu = next((r.reactor_us_per_new for r in loaded if r.label.startswith("burst")),
+                   float("nan"))
         print(f"event p99_ms={worst:.1f} cpu_us_per_new_proc={cpu:.1f}")
     finally:
         for d in daemons:

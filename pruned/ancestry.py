@@ -85,21 +85,40 @@ class Ancestry:
                                    and s.starttime == e.proc.starttime)
         }  # fmt: skip
 
-    def daemon_above(self, p: Proc, daemons: frozenset[str]) -> bool | None:
+    def daemon_above(
+        self, p: Proc, daemons: frozenset[str],
+        memo: dict[tuple[int, int], bool | None] | None = None,
+    ) -> bool | None:
         """Whether a genuine batch daemon is a strict ancestor of p (just read) by the records:
         True, False (the chain reaches pid 0 without one), or None (a link is unknown or
-        names a process that is gone: only a fresh read can tell)."""
+        names a process that is gone: only a fresh read can tell).
+
+        `memo`: (pid, starttime) -> the answer for that ancestor and everything above it,
+        for one batch (the records do not change within it): a burst's children share
+        their parent, so each chain is walked once."""
         entries = self.entries
         pid, start = p.ppid, self.link(p)
+        path: list[tuple[int, int]] = []
+        found: bool | None = None
         for _ in range(MAX_HOPS):
             if pid <= 0:
-                return False
+                found = False
+                break
             if start is None:
-                return None
+                break
+            key = (pid, start)
+            if memo is not None and key in memo:
+                found = memo[key]
+                break
             e = entries.get(pid)
             if e is None or e.proc.starttime != start:
-                return None
+                break
+            path.append(key)
             if is_root_daemon(e.proc, daemons):
-                return True
+                found = True
+                break
             pid, start = e.proc.ppid, e.parent_start
-        return None
+        if memo is not None:
+            for key in path:
+                memo[key] = found
+        return found

@@ -297,6 +297,7 @@ class Reactor:
         ranges = facts.system_ranges  # type: ignore[attr-defined]
         uids = self.uids
         daemon_above = self.ancestry.daemon_above
+        memo: dict[tuple[int, int], bool | None] = {}
         todo: set[int] = set()
         for pid, p in procs.items():
             if groups and (p.sid in groups or p.pgid in groups):
@@ -306,7 +307,7 @@ class Reactor:
                 continue  # system or a rail
             if uids is not None and p.uid not in uids:
                 continue  # out of scope
-            if not daemon_above(p, daemons):
+            if not daemon_above(p, daemons, memo):
                 todo.add(pid)  # True: batch, set aside
         self.triaged += len(procs)
         self.judged += len(todo)
