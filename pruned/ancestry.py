@@ -53,12 +53,15 @@ class Ancestry:
         entries = self.entries
         if len(entries) + len(procs) > self.max_records:
             entries.clear()
-        for pid, p in procs.items():
-            entries[pid] = Entry(p, None, now)
+        late: list[int] = []
         for pid, p in procs.items():
             parent = entries.get(p.ppid)
-            if parent is not None:
-                entries[pid] = Entry(p, parent.proc.starttime, now)
+            if p.ppid in procs and (parent is None or parent.proc is not procs[p.ppid]):
+                late.append(pid)  # its parent is in this batch, not yet put
+            entries[pid] = Entry(p, parent.proc.starttime if parent is not None else None, now)
+        for pid in late:
+            p = procs[pid]
+            entries[pid] = Entry(p, entries[p.ppid].proc.starttime, now)
 
     def link(self, p: Proc) -> int | None:
         """The starttime of p's parent as known now (p read just now), or None."""
