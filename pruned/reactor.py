@@ -219,7 +219,9 @@ class Reactor:
             # that already exited, and let go of its record before any walk uses it).
             self._forget_exited(exited)
             for pid in exited:
-                pids |= self.children.pop(pid, set())
+                kids = self.children.pop(pid, None)
+                if kids:
+                    pids |= kids
                 pids.discard(pid)
             now = time.monotonic()
             while self.recheck and self.recheck[0][0] <= now:
