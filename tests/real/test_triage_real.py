@@ -72,3 +72,21 @@ def test_triage_agrees_with_the_sweep(tmp_path, user_a) -> None:
                 p.kill()
             p.wait()
         assert not alive(stray.pid)
+
+
+def test_kill_walk_of_a_known_uid_reads_root_and_that_uid_only(user_a, user_b) -> None:
+    """read_stats(owners): what a kill re-walk of a tree of uid A reads. Root-owned
+    entries (non-dumpable, setuid, kernel threads) are always read."""
+    a = run_as(user_a, ["sleep", "30"])
+    b = run_as(user_b, ["sleep", "30"])
+    try:
+        time.sleep(0.2)
+        table = procfs.read_stats(owners={user_a.uid})
+        assert a.pid in table and 1 in table and b.pid not in table
+        full = procfs.read_stats()
+        assert a.pid in full and b.pid in full
+        assert table[a.pid] == full[a.pid]
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
