@@ -245,7 +245,8 @@ class Reactor:
         if self._seed is None:
             return
         children, snap = self._seed, self._seed_snap
-        self._seed = None
+        # Let go of the snapshot (a whole table); a seed() racing this only skips a prune.
+        self._seed, self._seed_snap = None, None
         self._protected = None
         if snap is not None:
             self.ancestry.prune(snap)
