@@ -219,7 +219,8 @@ class JobHistory:
         self._ended = None
 
     def observe(self, view: JobView, now: float, idle_grace: float = IDLE_GRACE) -> list[JobRecord]:
-        """Record the view's running jobs; end (at `now`) recorded jobs the view shows ended.
+        """Record the view's running jobs (and jobs first seen idle in their cgroups); end (at
+        `now`) recorded jobs the view shows ended.
 
         Returns the records that ended in this call. "Ended" needs evidence: the job is gone
         from the view (its cgroup removed), or its source says it ended (the epilog's state
@@ -236,10 +237,17 @@ class JobHistory:
         # records below can change. Holding the mapping keeps its identity from being reused.
         same = view.jobs is self._seen_jobs
         self._seen_jobs = view.jobs
-        running = {} if same else {
-            j.job_id: j for j in view.jobs.values() if j.running and j.uid is not None
+        # A job first seen idle in its cgroup (its slurmstepds died before any look at it: a
+        # crash right after its start, or while pruned was down) is recorded too; it ends
+        # after the same idle_grace, or its directories would never be cleaned. Only when
+        # unknown: an ended job's lingering cgroup must not start it over. (A state-dir job
+        # that is not running has ended by the epilog's word, which marks the history itself.)
+        seen = {} if same else {
+            j.job_id: j for j in view.jobs.values()
+            if j.uid is not None and (j.running or (
+                j.source != "statedir" and j.job_id not in self._records))
         }  # fmt: skip
-        for job_id, job in running.items():
+        for job_id, job in seen.items():
             rec = self._records.get(job_id)
             if rec is None or rec.ended:
                 # A job id running again after it ended is a new incarnation (ids can be reused).

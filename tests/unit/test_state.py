@@ -53,6 +53,22 @@ def test_a_job_between_steps_is_idle_not_ended(tmp_path) -> None:
     assert h.get("4").end is None
 
 
+def test_a_job_first_seen_idle_ends_after_the_grace(tmp_path) -> None:
+    """A job whose slurmstepds died before pruned ever saw it run (a crash right after its
+    start, or while pruned was down) is recorded when first seen idle and ends after the
+    grace like any idle job: its directories must not be left forever. An ended job's
+    lingering cgroup does not start it over; a job of unknown uid waits, as a running one."""
+    h = JobHistory(str(tmp_path))
+    assert h.observe(_view(_job("9", running=False, start=50.0)), now=100.0) == []
+    assert h.get("9") == JobRecord("9", 30001, 50.0, None, None, "slurm")
+    ended = h.observe(_view(_job("9", running=False)), now=100.0 + IDLE_GRACE)
+    assert ended == [JobRecord("9", 30001, 50.0, 100.0, None, "slurm")]
+    assert h.observe(_view(_job("9", running=False)), now=200.0 + 2 * IDLE_GRACE) == []
+    assert h.get("9").end == 100.0
+    h.observe(_view(_job("10", uid=None, running=False)), now=1.0)
+    assert h.get("10") is None
+
+
 def test_a_view_with_problems_never_ends_jobs(tmp_path) -> None:
     h = JobHistory(str(tmp_path))
     h.observe(_view(_job("1")), now=1.0)
