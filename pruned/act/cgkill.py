@@ -21,6 +21,7 @@ members on into quarantines of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -118,6 +119,10 @@ class _Confinement:
         self.v2 = v2_mount(cgroup_root)
         self.sources: set[str | None] = set()  # v2 cgroups the members came from
         self.errors = errors
+        # Our own cgroup lines name every hierarchy of the node: one "0::" line is v2 only.
+        own = read_cgroup_lines(os.getpid(), self.proc_root)
+        self.v2_only = self.v2 is not None and bool(own) and all(x.startswith("0::") for x in own)
+        self.lines_by_pid: dict[int, tuple[str, ...]] = {}  # v2 only: from cgroup.procs
 
     def move_in(self, pending: list[tuple[Tree, ProcKey]], writer: ProcsWriter) -> None:
         """Move every pending member in: all reads first, then the writes back to back (a
@@ -129,7 +134,7 @@ class _Confinement:
             fd = tree.fds.get(key)
             if fd is None:
                 continue
-            lines = read_cgroup_lines(key.pid, self.proc_root)
+            lines = self.lines_of(key.pid)
             if not lines:
                 continue  # exited: its pidfd says so to every later look
             if lines not in why_of:
@@ -147,6 +152,22 @@ class _Confinement:
             # Alive (or a zombie) now, it was alive at the write: the pid named it then.
             if send_signal(fd, 0) == Result.GONE:
                 self.give_back(key)  # it exited: the pid written may be another's by now
+
+    def lines_of(self, pid: int) -> tuple[str, ...]:
+        """pid's /proc/PID/cgroup lines. On a v2-only node that is one line, the same for
+        every process its cgroup lists: read once per cgroup, with that cgroup's members."""
+        lines = self.lines_by_pid.get(pid)
+        if lines is not None:
+            return lines
+        lines = read_cgroup_lines(pid, self.proc_root)
+        path = v2_path(lines)
+        if self.v2_only and self.v2 is not None and path is not None and len(lines) == 1:
+            with contextlib.suppress(OSError, ValueError):
+                d = os.path.normpath(f"{self.v2}/{path}")
+                if d.startswith(self.v2):
+                    for p in read_procs(f"{d}/cgroup.procs"):
+                        self.lines_by_pid[p] = lines
+        return lines
 
     def give_back(self, key: ProcKey) -> None:
         """Move a stranger that took a member's pid back out, if the write caught it."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from pruned.jobs.slurmpath import job_ids_in
-from pruned.linux.pidfd import open_verified_stat, pidfd_real_uid, send_signal
+from pruned.linux.pidfd import open_verified_stat, pidfd_info, send_signal
 from pruned.linux.procfs import StatFields, read_cgroup_lines, read_real_uid, read_stats
 from pruned.model import ProcKey
 
@@ -41,6 +41,7 @@ class Tree:
         self.leaders: dict[int, int] = {}  # pid -> starttime of every key ever in the tree
         self.seen: set[ProcKey] = set()
         self.stats: dict[ProcKey, StatFields] = {}  # each member's stat as verified
+        self.cgroupids: dict[ProcKey, int] = {}  # v2 cgroup ids, where the pidfd told them
         self._root_jobs: set[str] | None = None  # job ids of the root's cgroups, read once
 
     def add(self, key: ProcKey, late: bool = False) -> int | None:
@@ -58,13 +59,16 @@ class Tree:
             self.gone.append(key)
             return None
         fd, st = got
+        # From the pidfd where the kernel offers it: the process it pins, for a fraction of
+        # the cost of /proc/PID/status (a kill of a thousand read it a thousand times).
+        try:
+            info = pidfd_info(fd) if self.proc_root == "/proc" else None
+        except ProcessLookupError:
+            os.close(fd)
+            self.gone.append(key)
+            return None
         if self.uid is not None:
-            try:
-                ruid = self._real_uid(fd, key.pid)
-            except ProcessLookupError:
-                os.close(fd)
-                self.gone.append(key)
-                return None
+            ruid = read_real_uid(key.pid, self.proc_root) if info is None else info.ruid
             if ruid != self.uid:
                 os.close(fd)
                 self.skipped.append(key)
@@ -77,15 +81,11 @@ class Tree:
             return None
         self.fds[key] = fd
         self.stats[key] = st
+        if info is not None and info.cgroupid is not None:
+            self.cgroupids[key] = info.cgroupid
         if late:
             self.late.append(key)
         return fd
-
-    def _real_uid(self, fd: int, pid: int) -> int | None:
-        # From the pidfd where the kernel offers it: the process it pins, for a fraction of
-        # the cost of /proc/PID/status (a kill of a thousand read it a thousand times).
-        ruid = pidfd_real_uid(fd) if self.proc_root == "/proc" else None
-        return read_real_uid(pid, self.proc_root) if ruid is None else ruid
 
     def _jobs_of(self, pid: int) -> set[str]:
         return job_ids_in(read_cgroup_lines(pid, self.proc_root))
@@ -101,6 +101,7 @@ class Tree:
             os.close(fd)
         self.fds.clear()
         self.stats.clear()
+        self.cgroupids.clear()
 
 
 def candidates(

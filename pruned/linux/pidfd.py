@@ -15,7 +15,7 @@ import signal
 import struct
 import time
 from collections.abc import Hashable, Iterator, Mapping
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from pruned.linux.procfs import StatFields, read_stat
 from pruned.model import ProcKey, Result
@@ -62,21 +62,31 @@ def open_verified_stat(key: ProcKey, proc_root: str = "/proc") -> tuple[int, Sta
 
 
 # PIDFD_GET_INFO (Linux 6.13): _IOWR(0xFF, 11, struct pidfd_info) on its first 64 bytes
-# (PIDFD_INFO_SIZE_VER0: mask, cgroupid, pid, tgid, ppid, ruid, ...). The credentials of the
-# very process the fd pins, in one ioctl instead of formatting all of /proc/PID/status.
+# (PIDFD_INFO_SIZE_VER0: mask, cgroupid, pid, tgid, ppid, ruid, ...). The credentials and
+# v2 cgroup of the very process the fd pins, in one ioctl instead of formatting all of
+# /proc/PID/status.
 _PIDFD_GET_INFO = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
-_INFO_PID_CREDS = 1 | 2  # PIDFD_INFO_PID | PIDFD_INFO_CREDS
+_INFO_CREDS = 2
+_INFO_CGROUPID = 4
+_INFO_ASK = 1 | _INFO_CREDS | _INFO_CGROUPID  # PIDFD_INFO_PID | CREDS | CGROUPID
 _info_offered = True
 
 
-def pidfd_real_uid(fd: int) -> int | None:
-    """The real uid of the pidfd's process; None when the kernel has no PIDFD_GET_INFO (the
-    caller reads /proc/PID/status). ProcessLookupError when the process has exited."""
+class PidfdInfo(NamedTuple):
+    """What PIDFD_GET_INFO tells of a process."""
+
+    ruid: int
+    cgroupid: int | None  # the v2 cgroup's id (its inode number); None when not reported
+
+
+def pidfd_info(fd: int) -> PidfdInfo | None:
+    """Real uid and v2 cgroup id of the pidfd's process; None when the kernel has no
+    PIDFD_GET_INFO (the caller reads /proc). ProcessLookupError when it has exited."""
     global _info_offered
     if not _info_offered:
         return None
     buf = bytearray(64)
-    struct.pack_into("Q", buf, 0, _INFO_PID_CREDS)
+    struct.pack_into("Q", buf, 0, _INFO_ASK)
     try:
         fcntl.ioctl(fd, _PIDFD_GET_INFO, buf)
     except ProcessLookupError:
@@ -84,8 +94,10 @@ def pidfd_real_uid(fd: int) -> int | None:
     except OSError:  # ENOTTY/EINVAL before 6.13
         _info_offered = False
         return None
-    mask, _cgroupid, _pid, _tgid, _ppid, ruid = struct.unpack_from("QQIIII", buf)
-    return ruid if mask & 2 else None
+    mask, cgroupid, _pid, _tgid, _ppid, ruid = struct.unpack_from("QQIIII", buf)
+    if not mask & _INFO_CREDS:
+        return None
+    return PidfdInfo(ruid, cgroupid if mask & _INFO_CGROUPID else None)
 
 
 def send_signal(fd: int, sig: int) -> str | None:

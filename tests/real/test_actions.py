@@ -539,6 +539,9 @@ def test_a_stray_in_a_job_cgroup_is_never_moved(tree_of, user_a: User) -> None:
         pytest.skip("no v1 freezer hierarchy")
     os.makedirs(step)
     p, _pids = tree_of("exec -a injob sleep 600", 1)
+    deadline = time.monotonic() + 30  # setpriv exec'ed it: the key is the user's process
+    while argv0(p.pid) != "injob" and time.monotonic() < deadline:
+        time.sleep(0.02)
     try:
         with open(f"{step}/cgroup.procs", "w") as f:
             f.write(str(p.pid))
