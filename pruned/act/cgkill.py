@@ -7,8 +7,10 @@ nothing inside forks at all. What a member forked before its move (between the c
 snapshot and the move) was born in the member's own v2 cgroup, and only root can take it
 out of there (or, in a delegated subtree, its owner, within that subtree): the members of
 those cgroups, not every /proc/PID/stat on the node, are where the tree's late members
-can be. Once a look there finds nothing new, the frozen quarantine's cgroup.procs is the
-whole tree and no /proc re-walk follows: SIGTERM (pending while frozen), thaw, grace; then
+can be. (A child whose parent root moved elsewhere after the fork stays where it was born,
+unseen: a process the sweep or the event path judges as a stray of its own.) Once a look
+there finds nothing new, the quarantine's cgroup.procs is the whole tree and no /proc
+re-walk follows: SIGTERM (pending while frozen), thaw, grace; then
 freeze, SIGKILL to all (v2: one `cgroup.kill` write), thaw, wait.
 
 Identity as everywhere: each member is a pidfd verified against its starttime before it
@@ -258,7 +260,9 @@ def kill_confined(
             raise Fallback("the trees kept growing outside the quarantine")
     finally:
         writer.close()
-    q.freeze(True, time.monotonic() + FREEZE_WAIT)  # the members' own freezing, reported
+    # No wait for the kernel to report every member frozen (under load, a thousand sleepers
+    # take a while to reach the freezer): a member still on its way forks only into the
+    # quarantine, and each kill round below takes in what its look found there.
 
     def fds() -> dict[ProcKey, int]:
         return {k: fd for t in tr for k, fd in t.fds.items()}
@@ -282,7 +286,7 @@ def kill_confined(
     if grace > 0:
         c.take_in(out.joined)
         send(signal.SIGTERM)  # pending while frozen: all get it at the thaw
-        q.freeze(False, time.monotonic() + FREEZE_WAIT)
+        q.freeze(False, time.monotonic())  # the exits are waited for on the pidfds
         for key in fds():
             track.setdefault(key, Track())
         out.cut = wait_grace(fds(), track, grace, t0, {0: q})
@@ -296,8 +300,8 @@ def kill_confined(
         if not (live | q.procs()) - sigkilled:
             break
         deadline = time.monotonic() + KILL_WAIT
-        try:
-            q.freeze(True, min(deadline, time.monotonic() + FREEZE_WAIT))
+        try:  # no wait for "frozen": what forks meanwhile is born inside, for the next round
+            q.freeze(True, time.monotonic())
         except OSError as e:  # SIGKILL works on a thawed cgroup too
             out.errors.append(f"freezing {q.dir}: {os.strerror(e.errno or 0)}")
         inside = c.take_in(out.joined)
@@ -310,7 +314,7 @@ def kill_confined(
         send(signal.SIGKILL, killed)
         sigkilled |= inside | live
         try:
-            q.freeze(False, deadline)
+            q.freeze(False, time.monotonic())  # the exits it lets happen: on the pidfds
         except OSError as e:
             out.errors.append(f"thawing {q.dir}: {os.strerror(e.errno or 0)}")
         track_exits(fds(), track, max(deadline, time.monotonic() + 0.5), t0)
