@@ -125,7 +125,8 @@ def m_kill_many(trees: Trees, freeze: bool) -> None:
 
 def m_contained(trees: Trees, uid: int, grace: float, method: str = "auto") -> None:
     rs = kill_many(trees, grace=grace, dry_run=False, uid=uid, contain=method)
-    assert all(r.ok for r in rs), rs[0].describe()
+    bad = [r.describe() for r in rs if not r.ok]
+    assert not bad, f"{len(bad)} tree(s) not ok: {bad[0]}"
     assert all(r.contained.startswith("contained in ") for r in rs), rs[0].describe()
 
 

@@ -2,8 +2,9 @@
 
 kill_many's path where a cgroup freezer is offered and the trees' uid is known. The
 quarantine (pruned.linux.cgroupfs.Quarantine) is frozen while it is still empty, so each
-member freezes the moment it is moved in: from then on what it forks is born inside, and
-nothing inside forks at all. What a member forked before its move (between the caller's
+member freezes as it is moved in: from then on what it forks is born inside, and once the
+freezer has reached it, nothing inside forks at all (each kill round takes in what a
+member forked on its way to frozen). What a member forked before its move (between the caller's
 snapshot and the move) was born in the member's own v2 cgroup, and only root can take it
 out of there (or, in a delegated subtree, its owner, within that subtree): the members of
 those cgroups, not every /proc/PID/stat on the node, are where the tree's late members
