@@ -126,6 +126,7 @@ class _Confinement:
         own = read_cgroup_lines(os.getpid(), self.proc_root)
         self.v2_only = self.v2 is not None and bool(own) and all(x.startswith("0::") for x in own)
         self.lines_by_pid: dict[int, tuple[str, ...]] = {}  # v2 only: from cgroup.procs
+        self.q_rel = "/" + os.path.basename(q.dir)  # its path in its hierarchy
 
     def move_in(self, pending: list[tuple[Tree, ProcKey]], writer: ProcsWriter) -> None:
         """Move every pending member in: all reads first, then the writes back to back (a
@@ -211,13 +212,16 @@ class _Confinement:
         unknown = sorted(inside - member_pid.keys())
         table = {}
         for pid in unknown:
-            st = read_stat(pid, self.proc_root)
+            st = self.born_inside(pid)
             if st is not None:
                 table[pid] = st
-        for pid in unknown:
+            else:
+                inside.discard(pid)  # gone, or its pid already another's: not ours to touch
+        for pid in sorted(table):
             if not belongs(pid, self.tr[0], table, self.protected):
-                self.q.move(pid, into=False)
-                self.errors.append(f"pid {pid} in the quarantine is not the tree's; moved back out")
+                if self.q.move(pid, into=False):
+                    self.errors.append(f"pid {pid} in the quarantine is not the tree's "
+                                       "(another real uid); moved back out")  # fmt: skip
                 inside.discard(pid)
                 continue
             i = owner_tree(pid, table, member_pid)
@@ -227,6 +231,31 @@ class _Confinement:
             else:
                 inside.discard(pid)
         return inside
+
+    def born_inside(self, pid: int) -> StatFields | None:
+        """pid's stat if the process that has it now sits in the quarantine, else None. The
+        pid was listed inside, but may have been reused outside since: a pidfd held across
+        both reads proves they were of one process, and the starttime the caller verifies
+        with its own pidfd names that process."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        try:
+            lines = read_cgroup_lines(pid, self.proc_root)
+            st = read_stat(pid, self.proc_root)
+            if st is None or send_signal(fd, 0) is not None:
+                return None
+        finally:
+            os.close(fd)
+        return st if any(self.in_q(line) for line in lines) else None
+
+    def in_q(self, line: str) -> bool:
+        """Does this /proc/PID/cgroup line put its process in the quarantine?"""
+        _hid, controllers, path = line.split(":", 2)
+        if path != self.q_rel:
+            return False
+        return "freezer" in controllers.split(",") if self.q.v1 else line.startswith("0::")
 
 
 def kill_confined(

@@ -22,7 +22,7 @@ from pruned.act.kill import kill_many, kill_tree
 from pruned.linux.cgroupfs import v2_mount
 from pruned.model import ProcKey
 from tests.fixtures.users import User, alive, run_as
-from tests.real.test_actions import argv0, key_of, wait_count
+from tests.real.test_actions import RESPAWN, argv0, escapees, key_of, wait_count
 
 pytestmark = pytest.mark.root
 
@@ -192,3 +192,24 @@ def test_a_member_that_must_stay_falls_back_after_the_others_moved(
                     break
                 except OSError:
                     time.sleep(0.05)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_spawned_on_sigterm_is_born_inside_and_joins(
+    scoped, user_a: User, method: str
+) -> None:
+    """The escape attack in the confined kill: the detached child it spawns on SIGTERM is
+    born in the quarantine, verified as inside (not a pid reused outside), and killed."""
+    if not _offered(method):
+        pytest.skip(f"no {method}")
+    p, _pids = scoped(RESPAWN, 2)
+    try:
+        r = kill_tree(key_of(p.pid), [], grace=2.0, dry_run=False, uid=user_a.uid,
+                      contain=method)  # fmt: skip
+        assert r.ok and r.joined >= 1, r.describe()
+        assert r.contained.startswith(f"contained in {method}:"), r.describe()
+        time.sleep(0.5)  # an escapee would have exec'ed by now
+        assert escapees(user_a.uid) == [] and not alive(p.pid)
+    finally:
+        for pid in escapees(user_a.uid):
+            os.kill(pid, 9)
