@@ -288,10 +288,11 @@ def kill_many(
                 done = kill_confined(tr, shared[0], grace=grace, protected=protected, t0=t0,
                                      track=track, cgroup_root=cgroup_root)  # fmt: skip
                 return confined_results(tr, shared[0], done, track, t0, grace)
-            except (Fallback, OSError):  # before any signal: the re-walking path below
+            except (Fallback, OSError):
+                # Fallback comes before any signal; an unexpected cgroup error later leaves
+                # the rest to the re-walking path below (what was sent stays in `track`).
                 if shared:
                     shared[0].freeze(False, time.monotonic() + 0.5)
-                track.clear()
         all_fds: dict[ProcKey, int] = {}
 
         def signal_all(sig: int, only_live: bool = True) -> None:

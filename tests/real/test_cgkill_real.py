@@ -213,3 +213,14 @@ def test_a_child_spawned_on_sigterm_is_born_inside_and_joins(
     finally:
         for pid in escapees(user_a.uid):
             os.kill(pid, 9)
+
+
+def test_no_quarantine_falls_back_to_the_re_walk(scoped, user_a: User, tmp_path) -> None:
+    """No cgroup to confine in (a cgroup root without a freezer): the re-walking path kills
+    the tree and says why it was not contained."""
+    p, pids = scoped("sleep 600 & sleep 600 & wait", 3)
+    r = kill_tree(key_of(p.pid), [], grace=0, dry_run=False, uid=user_a.uid,
+                  contain="freezer-v1", cgroup_root=str(tmp_path))  # fmt: skip
+    assert r.contained.startswith("not contained: no quarantine cgroup"), r.describe()
+    assert len(r.signalled) == 3 and not r.survivors, r.describe()
+    assert not [x for x in pids if alive(x)]
