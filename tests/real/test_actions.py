@@ -37,8 +37,8 @@ pytestmark = pytest.mark.root
 
 
 def stat_of(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat", "rb") as f:  # any process's comm: not always UTF-8
+        return f.read().decode(errors="replace").rsplit(")", 1)[1].split()
 
 
 def key_of(pid: int) -> ProcKey:
