@@ -63,3 +63,32 @@ def test_born_where_delegated_is_the_whole_delegated_subtree(tmp_path: Path) -> 
 def test_born_where_unreadable_or_outside_means_walk(tmp_path: Path) -> None:
     assert born_where(str(tmp_path), "/gone.scope") is None
     assert born_where(str(tmp_path), "/../../etc") is None
+
+
+def test_v2_only_lines_are_read_once_per_cgroup(tmp_path: Path) -> None:
+    """On a v2-only node a member's one cgroup line is its cgroup's: the first member's read
+    serves every pid that cgroup lists; a hybrid node's lines are read for each pid."""
+    from types import SimpleNamespace
+
+    from pruned.act.cgkill import _Confinement
+    from pruned.act.tree import Tree
+    from pruned.model import ProcKey
+
+    proc, cg = tmp_path / "proc", tmp_path / "cg"
+    line = "0::/user.slice/session-1.scope\n"
+    for pid in (os.getpid(), 100, 101, 102):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cgroup").write_text(line)
+    (cg / "user.slice" / "session-1.scope").mkdir(parents=True)
+    (cg / "cgroup.controllers").write_text("")
+    (cg / "user.slice" / "session-1.scope" / "cgroup.procs").write_text("100\n101\n102\n")
+    q = SimpleNamespace(dir=str(cg / "pruned_quarantine_1"), v1=False)
+    tree = Tree(ProcKey(100, 1), 1000, str(proc))
+    c = _Confinement([tree], q, frozenset(), str(cg), [])  # type: ignore[arg-type]
+    assert c.v2_only
+    assert c.lines_of(100) == (line.strip(),)
+    (proc / "101" / "cgroup").unlink()  # no second read: the cgroup's listing answered it
+    assert c.lines_of(101) == (line.strip(),)
+    (proc / str(os.getpid()) / "cgroup").write_text("12:freezer:/\n" + line)
+    hybrid = _Confinement([tree], q, frozenset(), str(cg), [])  # type: ignore[arg-type]
+    assert not hybrid.v2_only and hybrid.lines_of(101) == ()  # read (and gone) each time
