@@ -12,10 +12,7 @@ can be. (A child whose parent root moved elsewhere after the fork stays where it
 unseen: a process the sweep or the event path judges as a stray of its own.) Once a look
 there finds nothing new, the quarantine's cgroup.procs is the whole tree and no /proc
 re-walk follows: SIGTERM (pending while frozen), thaw, grace; then
-freeze, SIGKILL to all (v2: one `cgroup.kill` write), thaw, wait. With grace 0 there is no
-SIGTERM to hold back, so no freezer either: each member gets SIGKILL as soon as its move
-is proven (the kernel tears the first down while the rest are moved), and one last round
-kills whatever was born inside meanwhile (v2: `cgroup.kill`).
+freeze, SIGKILL to all (v2: one `cgroup.kill` write), thaw, wait.
 
 Identity as everywhere: each member is a pidfd verified against its starttime before it
 is moved, and the pidfd still naming a live (or zombie) process right after the write
@@ -31,7 +28,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pruned.act.contain import FREEZE_WAIT, belongs, why_lines_stay
@@ -132,8 +128,7 @@ class _Confinement:
         self.lines_by_pid: dict[int, tuple[str, ...]] = {}  # v2 only: from cgroup.procs
         self.q_rel = "/" + os.path.basename(q.dir)  # its path in its hierarchy
 
-    def move_in(self, pending: list[tuple[Tree, ProcKey]], writer: ProcsWriter,
-                then: Callable[[ProcKey, int], None] | None = None) -> None:  # fmt: skip
+    def move_in(self, pending: list[tuple[Tree, ProcKey]], writer: ProcsWriter) -> None:
         """Move every pending member in: all reads first, then the writes back to back (a
         cgroup move takes a lock whose fast path lasts only while moves keep coming), then
         the identity check of each move."""
@@ -161,8 +156,6 @@ class _Confinement:
             # Alive (or a zombie) now, it was alive at the write: the pid named it then.
             if send_signal(fd, 0) == Result.GONE:
                 self.give_back(key)  # it exited: the pid written may be another's by now
-            elif then is not None:
-                then(key, fd)
 
     def lines_of(self, pid: int) -> tuple[str, ...]:
         """pid's /proc/PID/cgroup lines. On a v2-only node that is one line, the same for
@@ -280,24 +273,8 @@ def kill_confined(
     the trees cannot all be confined."""
     out = Confined()
     c = _Confinement(tr, q, protected, cgroup_root, out.errors)
-
-    def kill_one(key: ProcKey, fd: int) -> None:
-        # grace 0: SIGKILL each member the moment it is proven inside, so the kernel tears
-        # the first ones down while the rest are still being moved. What a member forks
-        # before its SIGKILL is born inside, for the kill round to take in.
-        t = track.setdefault(key, Track())
-        err = send_signal(fd, signal.SIGKILL)
-        if err is None:
-            t.signals.append("SIGKILL")
-        elif err == Result.GONE:
-            t.exited = time.monotonic() - t0
-        else:
-            t.failed = err
-
     try:
-        # With a grace the quarantine is frozen while still empty: each member freezes as it
-        # arrives and they all meet SIGTERM at the thaw. Grace 0 needs no freezer.
-        if grace > 0 and not q.freeze(True, time.monotonic() + FREEZE_WAIT):
+        if not q.freeze(True, time.monotonic() + FREEZE_WAIT):
             raise Fallback("the empty quarantine did not report frozen")
         writer = ProcsWriter(q.dir)
     except OSError as e:
@@ -305,7 +282,7 @@ def kill_confined(
     try:
         pending = [(t, k) for t in tr for k in t.fds]
         for _ in range(CONFINE_ROUNDS):
-            c.move_in(pending, writer, then=None if grace > 0 else kill_one)
+            c.move_in(pending, writer)
             pending = c.late()
             if not pending:
                 break
@@ -326,7 +303,7 @@ def kill_confined(
         name = signal.Signals(sig).name
         for key, fd in fds().items():
             t = track.setdefault(key, Track())
-            if t.exited is not None or name in t.signals:  # grace 0: sent on the move
+            if t.exited is not None:
                 continue
             err = None if inside is not None and key.pid in inside else send_signal(fd, sig)
             if err is None:
@@ -354,8 +331,7 @@ def kill_confined(
             break
         deadline = time.monotonic() + KILL_WAIT
         try:  # no wait for "frozen": what forks meanwhile is born inside, for the next round
-            if grace > 0:
-                q.freeze(True, time.monotonic())
+            q.freeze(True, time.monotonic())
         except OSError as e:  # SIGKILL works on a thawed cgroup too
             out.errors.append(f"freezing {q.dir}: {os.strerror(e.errno or 0)}")
         inside = c.take_in(out.joined)
@@ -368,8 +344,7 @@ def kill_confined(
         send(signal.SIGKILL, killed)
         sigkilled |= inside | live
         try:
-            if grace > 0:
-                q.freeze(False, time.monotonic())  # the exits it lets happen: on the pidfds
+            q.freeze(False, time.monotonic())  # the exits it lets happen: on the pidfds
         except OSError as e:
             out.errors.append(f"thawing {q.dir}: {os.strerror(e.errno or 0)}")
         track_exits(fds(), track, max(deadline, time.monotonic() + 0.5), t0)

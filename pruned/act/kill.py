@@ -392,8 +392,7 @@ def confined_results(
         note += f"; grace cut short: over {FORK_STORM} forked into quarantine after SIGTERM"
     out = []
     for i, t in enumerate(tr):
-        froze = q.label if grace > 0 else "none"  # grace 0 needs no freezer (act/cgkill)
-        r = kill_result(t, track, t0, grace, dry_run=False, froze=froze,
+        r = kill_result(t, track, t0, grace, dry_run=False, froze=q.label,
                         in_grace=done.in_grace, errors=done.errors if i == 0 else ())  # fmt: skip
         out.append(replace(r, contained=note, joined=done.joined.get(i, 0)))
     return out
