@@ -22,7 +22,7 @@ from pruned.act.kill import kill_many, kill_tree
 from pruned.linux.cgroupfs import v2_mount
 from pruned.model import ProcKey
 from tests.fixtures.users import User, alive, run_as
-from tests.real.test_actions import RESPAWN, argv0, escapees, key_of, wait_count
+from tests.real.test_actions import RESPAWN, argv0, escapees, key_of, pid_named, wait_count
 
 pytestmark = pytest.mark.root
 
@@ -126,7 +126,7 @@ def test_sigterm_then_grace_then_sigkill_inside_the_quarantine(
     if not _offered(method):
         pytest.skip(f"no {method}")
     p, pids = scoped("(trap '' TERM; exec -a ignterm sleep 600) & exec -a plain sleep 600", 2)
-    ign = next(x for x in pids if argv0(x) == "ignterm")
+    ign = pid_named(pids, "ignterm")
     t0 = time.monotonic()
     r = kill_tree(key_of(p.pid), [key_of(ign)], grace=0.6, dry_run=False, uid=user_a.uid,
                   contain=method)  # fmt: skip
