@@ -243,6 +243,8 @@ class Daemon:
     uid: int
     proc: subprocess.Popen | None = None
     audit: Path = field(init=False)
+    more_uids: tuple[int, ...] = ()  # also in the --uid scope
+    nice: int | None = None  # run at this nice value (the unit's Nice=), None: inherit
 
     def __post_init__(self) -> None:
         self.audit = self.work / f"{self.name}.audit.jsonl"
@@ -251,16 +253,19 @@ class Daemon:
         empty = self.work / "empty"
         empty.mkdir(exist_ok=True)
         hide = f"mount --bind {empty} /run/systemd && " if os.path.isdir("/run/systemd") else ""
+        uids = " ".join(str(u) for u in (self.uid, *self.more_uids))
         cmd = (f"{hide}exec {sys.executable} -m pruned.cli run --policy {self.policy} "
-               f"--uid {self.uid}")
+               f"--uid {uids}")
+        nice = ([] if self.nice is None
+                else ["nice", "-n", str(self.nice - os.getpriority(os.PRIO_PROCESS, 0))])
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+            [*nice, "unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
             cwd=str(ROOT),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(self.work / f"{self.name}.stderr", "wb"),  # noqa: SIM115
         )
-        # unshare and sh exec: the pid we started is the daemon's.
+        # nice, unshare and sh exec: the pid we started is the daemon's.
         deadline = time.monotonic() + 300
         while not self.sweeps():
             if self.proc.poll() is not None:

@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="check the node settings that let processes escape jobs or leave pruned blind",
         description="Check the node's settings (sshd's PAM stack, linger, slurm.conf, "
-        "job_container.conf, cgroup.conf, the cgroup tree, daemon paths, journald) against the "
+        "job_container.conf, cgroup.conf, the cgroup tree, daemon paths, journald, ptrace) "
+        "against the "
         "policy: one line per finding, `LEVEL check: what — fix: how`. Exit 0 without errors, "
         "1 with one (--strict: or a warning): an NHC check (check_pruned). Reads only.",
     )

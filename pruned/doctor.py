@@ -295,12 +295,18 @@ def read_basepath(paths: Paths, conf: SlurmConf) -> tuple[str | None, str]:
 def judge_job_container(
     conf: SlurmConf, basepath: str | None, where: str, policy: Policy
 ) -> list[Finding]:
-    """job_container/tmpfs's BasePath against cleanup.job_container_base. PURE."""
-    tmpfs = (conf.get("JobContainerType") or "").lower() == "job_container/tmpfs"
+    """job_container/tmpfs's BasePath against cleanup.job_container_base. PURE.
+
+    Slurm 25.11 renamed the plugin: `NamespaceType=namespace/tmpfs`, same job_container.conf
+    and the same BasePath/<job> layout."""
+    key = next((k for k, v in (("JobContainerType", "job_container/tmpfs"),
+                               ("NamespaceType", "namespace/tmpfs"))
+                if (conf.get(k) or "").lower() == v), None)
+    tmpfs = key is not None
     ours = policy.cleanup.job_container_base
     if tmpfs and basepath is None:
         return [Finding(Level.WARNING, "job-container",
-                        f"JobContainerType=job_container/tmpfs but {where} sets no BasePath",
+                        f"{key}={conf.get(key)} but {where} sets no BasePath",
                         f"set BasePath= in {where}")]
     if tmpfs and basepath != ours:
         return [Finding(
@@ -313,7 +319,7 @@ def judge_job_container(
         return [Finding(
             Level.WARNING, "job-container",
             f"cleanup.job_container_base is {ours} but slurm.conf does not use "
-            f"job_container/tmpfs ({conf.where('JobContainerType')})",
+            f"job_container/tmpfs or namespace/tmpfs ({conf.where('JobContainerType')})",
             "remove cleanup.job_container_base from the policy, or enable job_container/tmpfs")]
     return []
 
@@ -420,6 +426,25 @@ def judge_journald(is_socket: bool, fallback: str | None) -> list[Finding]:
                     "(audit.fallback_file)")]
 
 
+# ---------------------------------------------------------------- whitelist.exe
+
+PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+
+
+def judge_ptrace(policy: Policy, scope: str | None) -> list[Finding]:
+    """whitelist.exe trusts what a process runs; a user who may ptrace their own genuine
+    whitelisted process can run any code in it. Only Yama's scope 2 (admin-only attach) or 3
+    (none) rules that out. PURE."""
+    if not policy.whitelist.exe or (scope or "").strip() in ("2", "3"):
+        return []
+    now = f"kernel.yama.ptrace_scope is {scope.strip()}" if scope else "Yama is not enabled"
+    return [Finding(Level.WARNING, "ptrace",
+                    f"whitelist.exe is set and {now}: a user can ptrace a whitelisted process of "
+                    "their own and run their code in it, whitelisted",
+                    "kernel.yama.ptrace_scope=2 (sysctl.d), or whitelist accounts instead of "
+                    "executables")]
+
+
 # ---------------------------------------------------------------- cgroups
 
 
@@ -515,6 +540,7 @@ def run_checks(paths: Paths, policy: Policy) -> list[Finding]:
     except OSError:
         is_sock = False
     out += judge_journald(is_sock, policy.audit_fallback)
+    out += judge_ptrace(policy, _read(paths.at(PTRACE_SCOPE)))
     if slurm:
         cg = read_slurm_conf(paths, "cgroup.conf")
         plugin, where = (cg.get("CgroupPlugin"), cg.where("CgroupPlugin")) if cg else (

@@ -88,6 +88,13 @@ class LineageMemory:
                 parent = nxt
         return out
 
+    def group_ids(self) -> frozenset[int]:
+        """The session and process group ids of the remembered stray groups (any uid)."""
+        # No lock (a full sweep's observe holds it for long): list() copies the keys in C,
+        # with no Python code in between that could let observe change the dict meanwhile.
+        groups = list(self.groups)
+        return frozenset(g.gid for g in groups) if groups else frozenset()
+
     def forget(self, pids: Iterable[int]) -> None:
         """Processes that exited (exit events): their pids may name others from now on."""
         with self._lock:

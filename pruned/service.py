@@ -135,6 +135,13 @@ def _remove_stale_statuses() -> None:
                     os.unlink(os.path.join(store, name))
 
 
+# The watcher's debounce. A stray is usually judged after two batches (its fork, while its
+# parent still lives, then the parent's exit that orphans it), so this counts twice in
+# fork -> killed. The reactor drains whatever queued meanwhile and sets the bulk aside at
+# one stat read each (reactor._triage), so short batches cost little even in a fork storm;
+# a process that forks and exits within the window is still never read.
+EVENT_DELAY = 0.005
+
 class Daemon:
     def __init__(self, policy_path: str, *, uids: Collection[int] | None = None) -> None:
         self.policy_path = policy_path
@@ -364,7 +371,7 @@ class Daemon:
         self.reactor = Reactor(self.context, self.jobs, self.act_lock, uids=self.uids,
                                on_report=self.on_event_report, lineage=self.lineage,
                                adopt_failures=self.adopt_failures).start()
-        self.watcher = events.EventWatcher(self.on_pids, self.on_lost,
+        self.watcher = events.EventWatcher(self.on_pids, self.on_lost, delay=EVENT_DELAY,
                                            parents=True).start()  # fmt: skip
         self.proc_cache.attach()  # listening now: the next full sweep can found the cache
         self.events_note = "events on"
@@ -389,6 +396,9 @@ class Daemon:
     def on_lost(self, reason: str) -> None:
         """Events were lost: a full sweep right now catches whatever they would have shown."""
         self.proc_cache.lost(reason)
+        reactor = self.reactor
+        if reactor is not None:
+            reactor.lost()
         self.sink.emit(event_record("resync", f"{reason}: full resync sweep", reason=reason))
         # At most one resync waits; a loss during a running sweep makes one more after it.
         if self.sweeper is not None:

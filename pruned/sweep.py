@@ -9,10 +9,12 @@ call it a stray.
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -60,6 +62,7 @@ from pruned.policy.facts import NodeFacts
 from pruned.rules.classify import classify
 from pruned.rules.decide import apply_brake, decide, recheck
 from pruned.rules.lineage import trace
+from pruned.rules.steady import Basis, VerdictMemo, carry, remember
 
 
 def make_sources(policy: Policy, cache: ProcCache | None = None) -> list[JobSource]:
@@ -126,27 +129,85 @@ def observe(
            else cache.snapshot(proc_root, exe_all=exe_all))  # fmt: skip
     snap = pin_host_exes(raw, exes, proc_root)
     jobs = read_jobs(make_sources(policy, cache) if sources is None else sources)
-    verdicts = classify(snap, jobs, policy, facts, exes)
-    if lineage is not None:
-        marks = lineage.observe(snap, verdicts, full=True)
-    else:
-        marks = trace(snap, verdicts, {}, {})[0]
-    failed = None
-    if adopt_failures is not None:
-        adopt_failures.prune({p.key for p in snap.procs.values()})
-        failed = adopt_failures.view()
-    plan = decide(
-        snap,
-        verdicts,
-        jobs,
-        policy,
-        protected=protected_pids(proc_root),
-        uids=uids,
-        exes=exes,
-        lineage=marks,
-        adopt_failed=failed,
-    )
+    memo = verdict_memo(cache)
+    basis = Basis(policy, facts, exes)
+    with _gc_paused():  # pure work allocating a record or two per process: see _gc_paused
+        carried = carry(memo, snap.procs, jobs, basis) if memo is not None else None
+        verdicts = classify(snap, jobs, policy, facts, exes,
+                            known=carried.verdict if carried is not None else None)
+        if lineage is not None:
+            marks = lineage.observe(snap, verdicts, full=True)
+        else:
+            marks = trace(snap, verdicts, {}, {})[0]
+        failed = None
+        if adopt_failures is not None:
+            adopt_failures.prune(LiveKeys(snap.procs))
+            failed = adopt_failures.view()
+        plan = decide(
+            snap,
+            verdicts,
+            jobs,
+            policy,
+            protected=protected_pids(proc_root),
+            uids=uids,
+            exes=exes,
+            lineage=marks,
+            adopt_failed=failed,
+            known=memo.decisions if memo is not None else None,
+        )
+        if memo is not None:
+            remember(memo, basis, plan, snap.procs, jobs, carried)
     return Observation(snap, jobs, verdicts, plan, exes)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile (as in procfs.snapshot). Judging 100,000
+    processes allocates a verdict and a decision each: enough young objects for a full
+    collection that walks every record of the snapshot and the memories, ~10% of a full
+    sweep. These records hold no cycles; reference counting frees them."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def verdict_memo(cache: ProcCache | None) -> VerdictMemo | None:
+    """The memo of the last sweep's verdicts (rules.steady) while `cache` holds its records:
+    kept in the cache's memo store, so a full read, lost events or a detach empty it."""
+    if cache is None or cache.listed() is None:
+        return None
+    store = cache.memo("verdicts")
+    memo = store.get("memo")
+    if memo is None:
+        memo = store["memo"] = VerdictMemo()
+    return memo
+
+
+class LiveKeys(Collection[ProcKey]):
+    """The ProcKeys of a snapshot's processes, without building them: the memories that
+    forget what a snapshot no longer shows (adopt failures, survivors) ask only `in`, a few
+    times, where a set cost a ProcKey per process per sweep."""
+
+    __slots__ = ("procs",)
+
+    def __init__(self, procs: Mapping[int, Proc]) -> None:
+        self.procs = procs
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def __iter__(self) -> Iterator[ProcKey]:
+        return (p.key for p in self.procs.values())
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, ProcKey):
+            return False
+        p = self.procs.get(key.pid)
+        return p is not None and p.starttime == key.starttime
 
 
 # ---------------------------------------------------------------- acting
@@ -688,7 +749,7 @@ def run_sweep(
     obs = observe(policy, facts, uids=uids, sources=sources, proc_root=proc_root,
                   lineage=lineage, adopt_failures=adopt_failures, cache=cache)  # fmt: skip
     if survivors is not None:
-        survivors.retain({p.key for p in obs.snap.procs.values()})
+        survivors.retain(LiveKeys(obs.snap.procs))
         obs = replace(obs, plan=spare_survivors(obs.plan, survivors, policy))
     outcomes = execute(obs.plan, obs.snap, obs.jobs, policy, dry_run=dry, proc_root=proc_root,
                        failures=adopt_failures, survivors=survivors)  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from pruned.act.guard import guard, protected_pids
@@ -209,7 +209,7 @@ class AdoptFailures:
         while len(self.failed) > self.limit:
             del self.failed[next(iter(self.failed))]
 
-    def prune(self, live: set[ProcKey]) -> None:
+    def prune(self, live: Container[ProcKey]) -> None:
         """Keep only the processes of a full snapshot."""
         self.failed = {k: v for k, v in self.failed.items() if k in live}
 

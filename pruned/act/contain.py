@@ -20,7 +20,7 @@ from pruned.act.tree import Tree, expand
 from pruned.jobs.slurmpath import job_ids_in
 from pruned.linux.cgroupfs import Quarantine, subdirs
 from pruned.linux.pidfd import live_stat, send_signal
-from pruned.linux.procfs import StatFields, read_cgroup_lines, read_real_uid, read_stat, read_stats
+from pruned.linux.procfs import StatFields, read_cgroup_lines, read_real_uid, read_stat
 from pruned.model import ProcKey, Result
 
 FREEZE_WAIT = 1.0  # seconds to wait for a quarantine cgroup to report frozen
@@ -80,8 +80,16 @@ def contain(
     deadline: float,
     errors: list[str],
     kept: dict[ProcKey, str],
+    walked: bool = False,
 ) -> None:
-    """Walk and move until a full pass finds nothing new outside the quarantine."""
+    """Walk and move until a full pass finds nothing new outside the quarantine.
+
+    `walked`: the caller's own re-walk (expand until a pass found nothing new) has just
+    ended, so the members are moved first: when nothing needs moving that walk was the
+    last pass. Each walk reads the whole process table and comes before the first signal;
+    one fewer is ~1/3 of a kill's latency on a node with thousands of processes."""
+    if walked and (not move_members(tree, q, errors, kept) or time.monotonic() > deadline):
+        return
     for _ in range(1000):
         expand([tree], tree.proc_root, protected, on_new=(signal.SIGSTOP,), deadline=deadline,
                rounds=1)  # fmt: skip
@@ -133,8 +141,9 @@ def end_game(
         expand([tree], proc_root, protected, deadline=deadline, rounds=1)
         if not move() or time.monotonic() > deadline:
             break
-    table = read_stats(proc_root)
     inside = q.procs()
+    # Only the quarantined pids are looked up: read just those, not the whole table.
+    table = {pid: st for pid in inside if (st := read_stat(pid, proc_root)) is not None}
     joined = 0
     for pid in sorted(inside):
         if not belongs(pid, tree, table, protected):

@@ -324,7 +324,8 @@ def kill_many(
                 except OSError as e:
                     errors[i].append(f"no quarantine cgroup ({e.strerror}): re-walk only")
                     continue
-                contain_tree(tree, quarantines[i], protected, deadline, errors[i], kept)
+                contain_tree(tree, quarantines[i], protected, deadline, errors[i], kept,
+                             walked=i == 0)  # the expand just above, if nothing since
         if grace > 0:  # kill.grace 0s: SIGKILL at once, no SIGTERM that could not be heeded
             signal_all(signal.SIGTERM)
         if freeze:

@@ -178,8 +178,12 @@ def expand(
     rounds: int = 50,
 ) -> None:
     """Re-walk /proc until a pass finds no new member; send `on_new` signals to each new one."""
+    # Trees of known uids only ever take members of those uids (Tree.add): the walk need
+    # not read the stat of other users' processes (read_stats `owners`).
+    uids = {t.uid for t in trees}
+    owners = None if None in uids else uids
     for _ in range(rounds):
-        table = read_stats(proc_root)
+        table = read_stats(proc_root, owners)
         found = 0
         for tree, key in candidates(trees, table, protected):
             fd = tree.add(key, late=True)

@@ -235,7 +235,7 @@ class ProcCache:
                 if p is None or pid in todo:
                     names.append(name)  # new, or changed: read it
                 else:
-                    procs[pid] = p
+                    procs[p.pid] = p  # keyed by the record's own int, not a new copy
             fresh, root_owned, vanished, garbled, denied, hidden = procfs.read_some(
                 dfd, names, exe_all)  # fmt: skip
             # A process that became (or stopped being) root-owned changes whose exe the exe

@@ -603,13 +603,48 @@ def list_pids(proc_root: str = "/proc") -> list[int]:
     return [int(n) for n in names if n.isdigit()]
 
 
-def read_stats(proc_root: str = "/proc") -> dict[int, StatFields]:
-    """pid -> StatFields of every live pid: the kill re-walk's view of parents and sessions."""
+def read_stats(
+    proc_root: str = "/proc", owners: Collection[int] | None = None
+) -> dict[int, StatFields]:
+    """pid -> StatFields of every live pid: the kill re-walk's view of parents and sessions.
+
+    `owners`: only the pids whose /proc/PID is owned by root or by one of these uids. The
+    owner is a dumpable process's effective uid, and root for anything non-dumpable (setuid,
+    a changed euid, zombies, kernel threads), so a process of real uid U shows an owner
+    other than 0 and U only if it made itself dumpable again (prctl) after changing its
+    euid. A kill walk of a tree of uid U skips the rest at one stat of the directory
+    (~2 µs, against ~11 µs for reading stat): what a node's other users run no longer
+    makes every kill slower (bench/README.md, "Event path"). The sweep attributes such a
+    process to its owner too.
+    """
     out: dict[int, StatFields] = {}
-    for pid in list_pids(proc_root):
-        st = read_stat(pid, proc_root)
-        if st is not None:
-            out[pid] = st
+    if owners is None:
+        for pid in list_pids(proc_root):
+            st = read_stat(pid, proc_root)
+            if st is not None:
+                out[pid] = st
+        return out
+    try:
+        dfd = os.open(proc_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return out
+    try:
+        _stat = os.stat
+        for name in os.listdir(dfd):
+            if not name.isdigit():
+                continue
+            try:
+                owner = _stat(name, dir_fd=dfd, follow_symlinks=False).st_uid
+            except OSError:
+                continue
+            if owner and owner not in owners:
+                continue
+            pid = int(name)
+            st = read_stat(pid, proc_root)
+            if st is not None:
+                out[pid] = st
+    finally:
+        os.close(dfd)
     return out
 
 

@@ -94,9 +94,10 @@ def normal_path(path: str) -> str:
 def key_for(path: str) -> str:
     """The store entry name of a policy path: the path percent-quoted, `.` too, so that a key
     holds no `.` and `.<key>.<ns>` names exactly one key's versions."""
-    key = quote(normal_path(path), safe="").replace(".", "%2E")
+    raw = os.fsencode(normal_path(path))  # a name that is not UTF-8 keeps its own bytes
+    key = quote(raw, safe="").replace(".", "%2E")
     if len(key) > MAX_KEY:
-        key = "sha256-" + hashlib.sha256(normal_path(path).encode()).hexdigest()
+        key = "sha256-" + hashlib.sha256(raw).hexdigest()
     return key
 
 

@@ -9,7 +9,7 @@ its executable path (/proc/PID/exe); comm and argv are never trusted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pruned.model import (
@@ -52,13 +52,16 @@ def classify(
     policy: Policy,
     facts: Facts,
     exes: KnownExes | None = None,
+    known: Callable[[int, Proc], Verdict | None] | None = None,
 ) -> dict[int, Verdict]:
     """Classify every process of the snapshot. Returns pid -> Verdict.
 
     `exes`: the trusted executables with their symlink targets resolved (sweep.known_exes);
-    without it, the policy's paths as configured.
+    without it, the policy's paths as configured. `known(pid, proc)`: a verdict that still
+    holds, taken as it is, or None (rules.steady.carry: the last sweep's, for a process
+    whose inputs did not change).
     """
-    return _Classifier(snap, jobs, policy, facts, exes).run()
+    return _Classifier(snap, jobs, policy, facts, exes).run(known)
 
 
 class _Classifier:
@@ -82,9 +85,17 @@ class _Classifier:
         self._daemon_anc: dict[int, int | None] = {}
         self._sshd_anc: dict[int, int | None] = {}
         self._uid_verdicts: dict[tuple[int, str], Verdict] = {}
+        # Verdicts that depend on a shared input only (a membership, a deciding ancestor, a
+        # uid, an exe) are built once per sweep: 100,000 processes of a few jobs are a few
+        # verdicts, not 100,000 copies of the same sentences (~400 bytes each).
+        self._shared: dict[tuple, Verdict] = {}
 
-    def run(self) -> dict[int, Verdict]:
-        return {pid: self.verdict(p) for pid, p in self.procs.items()}
+    def run(self, known: Callable[[int, Proc], Verdict | None] | None = None
+            ) -> dict[int, Verdict]:  # fmt: skip
+        if known is None:
+            return {pid: self.verdict(p) for pid, p in self.procs.items()}
+        # a Verdict is never falsy
+        return {pid: known(pid, p) or self.verdict(p) for pid, p in self.procs.items()}
 
     # ---------------------------------------------------------------- lineage
 
@@ -181,83 +192,90 @@ class _Classifier:
         if member is not None and not member.understood:
             # In Slurm's tree, where the path grammar does not know the layout: when in doubt,
             # a job's. The job view carries a problem for it, so the sweep is report-only.
-            return Verdict(
+            return self._once(("unknown", id(member)), lambda: Verdict(
                 ProcClass.BATCH,
                 "batch.unknown_cgroup",
                 f"in a Slurm cgroup pruned does not understand ({member.cgroup}): left alone",
                 evidence=(f"cgroup {member.cgroup}",),
-            )
+            ))
         if member is not None and member.step != "extern" and self._job_running(member):
-            step = member.step or "job level"
-            return Verdict(
+            return self._once(("job", id(member)), lambda: Verdict(
                 ProcClass.BATCH,
                 "batch.job_cgroup",
-                f"in running job {self.jobs.canonical(member.job_id)}'s cgroup ({step})",
+                f"in running job {self.jobs.canonical(member.job_id)}'s cgroup "
+                f"({member.step or 'job level'})",
                 job_id=self.jobs.canonical(member.job_id),
                 evidence=self._job_evidence(member),
-            )
+            ))  # fmt: skip
         anc = self.daemon_ancestor(p.pid)
         if anc is not None:
             d = self.procs[anc]
             job = self.jobs.canonical(member.job_id) if member is not None else None
-            return Verdict(
+            return self._once(("daemon", anc, job), lambda: Verdict(
                 ProcClass.BATCH,
                 "batch.daemon_lineage",
                 f"descends from batch daemon pid {anc} ({d.exe}, uid 0)",
                 job_id=job,
                 decider=anc,
                 evidence=(f"ancestor {anc} exe={d.exe} uid=0 comm={d.comm!r}",),
-            )
+            ))  # fmt: skip
         return None
+
+    def _once(self, key: tuple, build: Callable[[], Verdict]) -> Verdict:
+        """The sweep's one verdict for `key` (what alone it depends on), built on first use."""
+        v = self._shared.get(key)
+        if v is None:
+            v = self._shared[key] = build()
+        return v
 
     def _adopted(self, p: Proc, member: Membership | None) -> Verdict | None:
         if member is not None and member.step == "extern" and self._job_running(member):
-            return Verdict(
+            return self._once(("extern", id(member)), lambda: Verdict(
                 ProcClass.ADOPTED,
                 "adopted.extern",
                 f"in running job {self.jobs.canonical(member.job_id)}'s extern step",
                 job_id=self.jobs.canonical(member.job_id),
                 evidence=self._job_evidence(member),
-            )
+            ))  # fmt: skip
         return None
 
     def _whitelisted(self, p: Proc, member: Membership | None) -> Verdict | None:
         wl = self.policy.whitelist
         if p.uid in self.facts.whitelist_uids:
-            return Verdict(
+            return self._once(("wl-user", p.uid), lambda: Verdict(
                 ProcClass.WHITELISTED,
                 "whitelist.user",
                 f"uid {p.uid} is whitelisted (whitelist.users/groups)",
-            )
+            ))  # fmt: skip
         if self.wl_exe and is_whitelisted_exe(p, self.wl_exe):
-            return Verdict(
+            return self._once(("wl-exe", p.exe), lambda: Verdict(
                 ProcClass.WHITELISTED, "whitelist.exe", f"executable {p.exe} is whitelisted"
-            )
+            ))  # fmt: skip
         # A session left inside the cgroup of a job that ended belonged to that job:
         # pam_slurm_adopt put it there, so it goes with the job rather than with sshd.
         if wl.sshd and member is None:
             anc = self.sshd_ancestor(p.pid)
             if anc is not None:
                 a = self.procs[anc]
-                return Verdict(
+                return self._once(("sshd", anc), lambda: Verdict(
                     ProcClass.WHITELISTED,
                     "whitelist.sshd",
                     f"in an ssh session under root sshd pid {anc} ({a.exe})",
                     decider=anc,
                     evidence=(f"ancestor {anc} exe={a.exe} uid=0 comm={a.comm!r}",),
-                )
+                ))  # fmt: skip
         return None
 
     def _stray(self, p: Proc, member: Membership | None) -> Verdict:
         if member is not None:
             job_id = self.jobs.canonical(member.job_id)
-            return Verdict(
+            return self._once(("ended", id(member)), lambda: Verdict(
                 ProcClass.STRAY,
                 "stray.ended_job",
                 f"sits in the cgroup of job {job_id}, which is not running",
                 job_id=job_id,
                 evidence=self._job_evidence(member),
-            )
+            ))  # fmt: skip
         return _STRAY
 
 

@@ -97,6 +97,7 @@ def decide(
     exes: KnownExes | None = None,
     lineage: Mapping[int, LineageMark] | None = None,
     adopt_failed: Mapping[ProcKey, str] | None = None,
+    known: Mapping[int, Decision] | None = None,
 ) -> SweepPlan:
     """Turn verdicts into decisions; rails, min_age, scope, report-only and the brake come last.
 
@@ -106,10 +107,19 @@ def decide(
     stray whose lineage has been stray for min_age is judged with it.
     `adopt_failed`: processes whose adoption the kernel refused before, with the error:
     their adoption is not retried, the policy's adopt_failure applies instead.
+    `known`: earlier decisions (the last sweep's, rules.steady). One is taken as it is when
+    it was made for the very same record and verdict objects and is not a stray's: a
+    non-stray is ignored whatever else holds. A stray is always decided here (min_age is
+    time; the lineage, scope, adoption failures and the brake move).
     """
     out: list[Decision] = []
+    get = known.get if known else None
     for pid in sorted(verdicts):
         proc = snap.procs[pid]
+        if get is not None and (k := get(pid)) is not None and k.proc is proc \
+                and k.verdict is verdicts[pid] and k.verdict.cls is not ProcClass.STRAY:
+            out.append(k)
+            continue
         d = choose_action(proc, verdicts[pid], jobs, policy)
         if d.action is Action.ADOPT and adopt_failed and proc.key in adopt_failed:
             fb = policy.adopt_failure

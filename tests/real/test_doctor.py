@@ -155,6 +155,18 @@ def _basepath_unset_in_policy(n: Node) -> None:
     n.write("/policy.yaml", "version: 1\n")
 
 
+def _namespace_tmpfs(n: Node) -> None:
+    # Slurm 25.11+ spells the plugin NamespaceType=namespace/tmpfs, same job_container.conf.
+    n.write("/etc/slurm/slurm.conf", SLURM_CONF.replace("JobContainerType=job_container/tmpfs",
+                                                        "NamespaceType=namespace/tmpfs"))
+    n.write("/etc/slurm/job_container.conf", "BasePath=/scratch/jc\n")
+
+
+def _whitelist_exe_ptrace(n: Node) -> None:
+    n.policy(whitelist="{exe: [/usr/bin/tmux]}")
+    n.write("/proc/sys/kernel/yama/ptrace_scope", "1\n")
+
+
 def _stepd_elsewhere(n: Node) -> None:
     n.proc(800, "slurmstepd", "/opt/slurm/sbin/slurmstepd")
 
@@ -214,6 +226,10 @@ CASES: list[tuple[Callable[[Node], None], str, str, str, str]] = [
      "cleanup.job_container_base: /scratch/jc in the policy"),
     (_basepath_unset_in_policy, "job-container", "WARNING", "cleanup.job_container_base is unset",
      "cleanup.job_container_base: /var/jc"),
+    (_namespace_tmpfs, "job-container", "WARNING", "BasePath=/scratch/jc",
+     "cleanup.job_container_base: /scratch/jc in the policy"),
+    (_whitelist_exe_ptrace, "ptrace", "WARNING", "kernel.yama.ptrace_scope is 1",
+     "kernel.yama.ptrace_scope=2"),
     (_stepd_elsewhere, "daemon-paths", "ERROR",
      "slurmstepd pid 800 runs /opt/slurm/sbin/slurmstepd",
      "add /opt/slurm/sbin/slurmstepd to jobs.slurm.stepd"),

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -244,6 +246,19 @@ def test_term_respawning_stray_leaves_nothing_after_one_sweep(tmp_path, make_use
     assert max(int(k["PRUNED_JOINED"]) for k in kills) >= 1
 
 
+def assert_forgery_is_a_stray(policy: Path, wl: Path, forged: int, genuine: int) -> None:
+    """`pruned scan`: the forged process shows the whitelisted exe path and is a plain stray;
+    the genuine one is whitelist.exe."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pruned.cli", "scan", "--json", "--policy", str(policy)],
+        capture_output=True, text=True, timeout=120, cwd=str(REPO),
+    )  # fmt: skip
+    rows = {d["pid"]: d for d in map(json.loads, r.stdout.splitlines())}
+    assert rows[forged]["exe"] == str(wl)  # the path it shows is the whitelisted one
+    assert (rows[forged]["class"], rows[forged]["rule"]) == ("stray", "stray.default")
+    assert rows[genuine]["rule"] == "whitelist.exe"
+
+
 def test_whitelisted_exe_path_forged_in_a_mount_namespace_is_not_whitelisted(tmp_path, make_user):
     """Attack: a user shows the whitelisted path from a mount namespace of their own (their
     binary bind-mounted over it). Only the host's file at that path (same device and inode)
@@ -280,14 +295,60 @@ def test_whitelisted_exe_path_forged_in_a_mount_namespace_is_not_whitelisted(tmp
             except OSError:
                 pass
             time.sleep(0.02)
-        r = subprocess.run(
-            [sys.executable, "-m", "pruned.cli", "scan", "--json", "--policy", str(policy)],
-            capture_output=True, text=True, timeout=120, cwd=str(REPO),
-        )  # fmt: skip
-        rows = {d["pid"]: d for d in map(json.loads, r.stdout.splitlines())}
-        assert rows[forged.pid]["exe"] == str(wl)  # the path it shows is the whitelisted one
-        assert (rows[forged.pid]["class"], rows[forged.pid]["rule"]) == ("stray", "stray.default")
-        assert rows[genuine.pid]["rule"] == "whitelist.exe"
+        assert_forgery_is_a_stray(policy, wl, forged.pid, genuine.pid)
+    finally:
+        for p in (forged, genuine):
+            p.kill()
+            p.wait()
+
+
+def test_exe_link_set_from_a_user_namespace_is_not_whitelisted(tmp_path, make_user, request):
+    """Attack: a user's own code makes /proc/PID/exe the host's whitelisted file itself --
+    same device and inode, so the mount-namespace check above cannot tell -- by
+    prctl(PR_SET_MM_MAP) with an exe_fd from a user namespace of its own
+    (tests/fixtures/exespoof.c). Outside pruned's user namespace an exe is not believed: the
+    forgery is a stray. The genuine agent of another user is still whitelisted."""
+    mallory, agent_user = make_user("prsx"), make_user("prsy")
+    # Not under tmp_path: pytest's root-only parent would keep mallory from opening the agent.
+    site = Path(tempfile.mkdtemp(prefix="pruned-test-exespoof-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(site, ignore_errors=True))
+    site.chmod(0o755)
+    wl = site / "agent"
+    shutil.copy("/usr/bin/sleep", wl)
+    spoof = site / "exespoof"
+    subprocess.run(["gcc", "-O2", "-static", "-fno-stack-protector", "-fcf-protection=none",
+                    "-o", str(spoof), str(REPO / "tests/fixtures/exespoof.c")],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    for f in (wl, spoof):
+        f.chmod(0o755)
+    policy = write_policy(tmp_path, f"whitelist:\n  exe: [{wl}]\n")
+
+    def run_as(user, *argv: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
+                                 "--init-groups", *argv], start_new_session=True, **kw)
+
+    forged = run_as(mallory, str(spoof), str(wl), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    genuine = run_as(agent_user, str(wl), "601")
+    try:
+        # exespoof prints ok or no, or exits; never more than a few ms, so 30 s is a hang.
+        ready, _, _ = select.select([forged.stdout], [], [], 30)
+        line = forged.stdout.readline() if ready else b"(nothing in 30 s)"
+        if line != b"ok\n":
+            forged.kill()
+            forged.wait(5)
+            err = forged.stderr.read().decode(errors="replace")
+            if "unshare" in err:
+                pytest.skip(f"no unprivileged user namespaces here: {err.strip()}")
+            raise AssertionError(f"exespoof failed: {line!r} {err}")
+        # The forgery is complete: the link names the agent and stats through to its inode.
+        assert os.readlink(f"/proc/{forged.pid}/exe") == str(wl)
+        st, real = os.stat(f"/proc/{forged.pid}/exe"), os.stat(wl)
+        assert (st.st_dev, st.st_ino) == (real.st_dev, real.st_ino)
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{genuine.pid}/exe") != str(wl):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert_forgery_is_a_stray(policy, wl, forged.pid, genuine.pid)
     finally:
         for p in (forged, genuine):
             p.kill()

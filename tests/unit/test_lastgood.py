@@ -85,6 +85,20 @@ def test_one_entry_per_policy_path(tmp_path: Path) -> None:
     assert lastgood.current(str(tmp_path / "elsewhere.yaml"), str(store)) is None
 
 
+def test_policy_path_that_is_not_utf8_keeps_its_own_entry(tmp_path: Path) -> None:
+    """A directory name with a byte that is not UTF-8 (os.fsdecode gives a surrogate): the
+    key quotes the real bytes, so it is saved and found again, apart from a UTF-8 look-alike."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/pol\xff.d"))
+    odd.mkdir()
+    _write(odd / "00.yaml", GOOD)
+    store = tmp_path / "store"
+    assert _save(odd, store) is not None
+    key = lastgood.key_for(str(odd))
+    assert "%FF" in key and (store / key).is_symlink()
+    assert lastgood.load(str(odd), str(store))[0].kill_grace == 3.0
+    assert lastgood.key_for(str(tmp_path / "pol\u00ff.d")) != key  # U+00FF is C3 BF
+
+
 def test_no_last_good_and_untrusted_store(tmp_path: Path) -> None:
     p = _write(tmp_path / "p.yaml", GOOD)
     store = tmp_path / "store"

@@ -151,10 +151,13 @@ def test_without_the_sshd_whitelist_login_killed_or_adopted(logins: Logins) -> N
     NO_SSHD.write_text("version: 1\nwhitelist:\n  sshd: false\n")
     sh("systemctl", "reload", "pruned.service", timeout=120)
     wait_for("ivan's login killed", lambda: not alive(logins.ivan), timeout=90)
-    assert has_record(pruned_records(cursor, "process_killed", logins.ivan_uid), logins.ivan)
+    # The record follows the kill: it is written once the whole tree is gone (or the grace
+    # ran out), and journald takes its time under TCG.
+    wait_for("the process_killed record of ivan's login", lambda: has_record(
+        pruned_records(cursor, "process_killed", logins.ivan_uid), logins.ivan), timeout=60)
     wait_for("judy's login adopted into her job", lambda: (p := read_proc(logins.judy.pid))
              and in_job_dir(p, logins.job_dir), timeout=90)
     assert alive(logins.judy)
-    recs = pruned_records(cursor, "process_adopted", logins.judy_uid)
-    assert has_record(recs, logins.judy), recs
+    wait_for("the process_adopted record of judy's login", lambda: has_record(
+        pruned_records(cursor, "process_adopted", logins.judy_uid), logins.judy), timeout=60)
     assert not by_argv0("vm_ivan_ssh")
