@@ -199,8 +199,6 @@ class _Confinement:
         if table is None:  # no cgroup tells where they were born: every process of the uid
             uid = self.tr[0].uid
             table = read_stats(self.proc_root, None if uid is None else {uid})
-            for t in self.tr:  # members that root owns in /proc (non-dumpable) stay chain ends
-                table.update({k.pid: st for k, st in t.stats.items() if k.pid not in table})
         out = []
         for tree, key in candidates(self.tr, table, self.protected):
             if tree.add(key, late=True) is not None:
