@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Sequence
 
 from pruned.act.track import Track, track_exits
 from pruned.act.tree import Tree, expand
@@ -29,7 +30,11 @@ _USER_SLICE = re.compile(r"/user-(\d+)\.slice(?:/|$)")
 
 def why_not_movable(pid: int, uid: int | None, proc_root: str) -> str | None:
     """Why pid must stay in its cgroup (a job's, or another user's slice), or None."""
-    lines = read_cgroup_lines(pid, proc_root)
+    return why_lines_stay(read_cgroup_lines(pid, proc_root), uid)
+
+
+def why_lines_stay(lines: Sequence[str], uid: int | None) -> str | None:
+    """why_not_movable of a process whose /proc/PID/cgroup lines are `lines`."""
     if job_ids_in(lines):
         return "in a Slurm job's cgroup"
     for line in lines:

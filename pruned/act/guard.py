@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 
 from pruned.act.tree import CHAIN_LIMIT
-from pruned.linux.procfs import read_stat
+from pruned.linux.procfs import StatFields, read_stat
 from pruned.model import ProcKey
 
 
@@ -34,12 +34,22 @@ def protected_pids(proc_root: str = "/proc") -> frozenset[int]:
 
 def guard(keys: Iterable[ProcKey], proc_root: str = "/proc") -> None:
     """Raise Refused if any key is pid <= 2, pruned or an ancestor of it, or a kernel thread."""
-    protected = protected_pids(proc_root)
+    keys = list(keys)
+    guard_pids(keys, protected_pids(proc_root))
+    for key in keys:
+        refuse_kthread(key, read_stat(key.pid, proc_root))
+
+
+def guard_pids(keys: Iterable[ProcKey], protected: frozenset[int]) -> None:
+    """guard without the kernel-thread check: pid <= 2, pruned or an ancestor of it."""
     for key in keys:
         if key.pid <= 2:
             raise Refused(f"refusing to act on pid {key.pid}: pid <= 2")
         if key.pid in protected:
             raise Refused(f"refusing to act on pid {key.pid}: pruned itself or its ancestor")
-        st = read_stat(key.pid, proc_root)
-        if st is not None and st.starttime == key.starttime and st.kthread:
-            raise Refused(f"refusing to act on pid {key.pid}: kernel thread")
+
+
+def refuse_kthread(key: ProcKey, st: StatFields | None) -> None:
+    """The kernel-thread half of guard, on a stat already read for key."""
+    if st is not None and st.starttime == key.starttime and st.kthread:
+        raise Refused(f"refusing to act on pid {key.pid}: kernel thread")

@@ -15,10 +15,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from pruned import log
+from pruned.act.cgkill import Confined, Fallback, kill_confined
 from pruned.act.contain import contain as contain_tree
 from pruned.act.contain import end_game
-from pruned.act.guard import guard, protected_pids
-from pruned.act.track import Track, track_exits
+from pruned.act.guard import guard_pids, protected_pids, refuse_kthread
+from pruned.act.track import FORK_STORM, Track, track_exits, wait_grace
 from pruned.act.tree import Tree, expand
 from pruned.linux.cgroupfs import Quarantine, quarantine_method
 from pruned.linux.pidfd import raise_nofile, send_signal
@@ -26,10 +27,6 @@ from pruned.linux.procfs import read_stat
 from pruned.model import ProcKey, Result
 
 KILL_WAIT = 2.0  # seconds to wait for SIGKILLed processes to exit before calling them survivors
-# More processes than this born in the quarantines during the grace end it: the trees fork
-# instead of exiting. A SIGTERM handler that runs a cleanup command forks a few.
-FORK_STORM = 16
-GRACE_POLL = 0.2  # seconds between looks at the quarantines during the grace
 
 REMIND_EVERY = 3600.0  # seconds between reminders about a process that outlived SIGKILL
 
@@ -230,28 +227,6 @@ def kill_tree(
     )[0]
 
 
-def wait_grace(
-    fds: dict[ProcKey, int],
-    track: dict[ProcKey, Track],
-    grace: float,
-    t0: float,
-    quarantines: dict[int, Quarantine],
-) -> bool:
-    """The grace after SIGTERM: until every member exited or `grace` passed, or until more
-    than FORK_STORM processes were born inside the quarantines meanwhile. A bash fork bomb
-    at its pids limit blocks SIGTERM while it retries fork(), and would otherwise get the
-    whole grace to go on forking. True when it was cut short so."""
-    end = time.monotonic() + grace
-    known = {k.pid for k in fds}
-    while True:
-        step = min(end, time.monotonic() + GRACE_POLL) if quarantines else end
-        track_exits(fds, track, step, t0)
-        if time.monotonic() >= end or all(t.exited is not None for t in track.values()):
-            return False
-        if sum(len(q.procs() - known) for q in quarantines.values()) > FORK_STORM:
-            return True
-
-
 def kill_many(
     trees: Sequence[tuple[ProcKey, Sequence[ProcKey]]],
     *,
@@ -263,8 +238,13 @@ def kill_many(
     contain: str = "none",
     cgroup_root: str = "/sys/fs/cgroup",
 ) -> list[KillResult]:
-    """Kill several trees at once: SIGTERM to all first, then one shared grace wait.
+    """Kill several trees at once: SIGTERM to all first, then one shared grace wait
+    (grace 0: SIGKILL only).
 
+    With `contain` ("auto", or a quarantine method) and `uid`, all trees are first confined
+    in one frozen quarantine cgroup and killed there without re-walking /proc
+    (pruned.act.cgkill). Where that cannot be done (no cgroup, a member in a job's cgroup or
+    another user's slice, an unexpected cgroup error) the path below is taken:
     With `freeze`, every member is SIGSTOPped before it is signalled and the tree is
     re-walked until a pass finds nothing new, so a process cannot fork a child we miss
     between the walk and the signal; SIGCONT follows so SIGTERM handlers can run.
@@ -276,15 +256,17 @@ def kill_many(
     left alone (reported as skipped). Raises Refused (before acting at all) if any key is
     protected by the guard.
     """
-    guard([k for root, desc in trees for k in (root, *desc)], proc_root)
-    raise_nofile()
+    given = [k for root, desc in trees for k in (root, *desc)]
     protected = protected_pids(proc_root)
+    guard_pids(given, protected)
+    raise_nofile()
     t0 = time.monotonic()
     tr = [Tree(root, uid, proc_root) for root, _ in trees]
     method = quarantine_method(cgroup_root) if contain == "auto" else contain
     if uid is None:
         method = "none"  # only a tree of one known uid may be moved (contain.belongs)
     quarantines: dict[int, Quarantine] = {}
+    shared: list[Quarantine] = []  # the one quarantine of a confined kill (pruned.act.cgkill)
     kept: dict[ProcKey, str] = {}
     joined: dict[int, int] = {}
     errors: dict[int, list[str]] = {i: [] for i in range(len(tr))}
@@ -292,10 +274,25 @@ def kill_many(
         for tree, (root, desc) in zip(tr, trees, strict=True):
             for key in (root, *desc):
                 tree.add(key)
+        for tree, (root, desc) in zip(tr, trees, strict=True):
+            for key in (root, *desc):  # the guard's last check, on the stat that verified it
+                st = tree.stats.get(key)
+                refuse_kthread(key, st if st is not None else read_stat(key.pid, proc_root))
         if dry_run:
             expand(tr, proc_root, protected, rounds=3)
             return [kill_result(t, {}, t0, grace, dry_run=True, froze="none") for t in tr]
         track: dict[ProcKey, Track] = {}
+        if method in ("freezer-v1", "cgroup.freeze"):
+            try:
+                shared.append(Quarantine(method, cgroup_root))
+                done = kill_confined(tr, shared[0], grace=grace, protected=protected, t0=t0,
+                                     track=track, cgroup_root=cgroup_root)  # fmt: skip
+                return confined_results(tr, shared[0], done, track, t0, grace)
+            except (Fallback, OSError):
+                # Fallback comes before any signal; an unexpected cgroup error later leaves
+                # the rest to the re-walking path below (what was sent stays in `track`).
+                if shared:
+                    shared[0].freeze(False, time.monotonic() + 0.5)
         all_fds: dict[ProcKey, int] = {}
 
         def signal_all(sig: int, only_live: bool = True) -> None:
@@ -329,7 +326,8 @@ def kill_many(
                     continue
                 contain_tree(tree, quarantines[i], protected, deadline, errors[i], kept,
                              walked=i == 0)  # the expand just above, if nothing since
-        signal_all(signal.SIGTERM)
+        if grace > 0:  # kill.grace 0s: SIGKILL at once, no SIGTERM that could not be heeded
+            signal_all(signal.SIGTERM)
         if freeze:
             signal_all(signal.SIGCONT)
         cut = wait_grace(all_fds, track, grace, t0, quarantines)
@@ -373,12 +371,32 @@ def kill_many(
             out.append(r)
         return out
     finally:
-        for q in quarantines.values():
+        for q in (*shared, *quarantines.values()):
             q.freeze(False, time.monotonic() + 0.5)
             if not q.remove(time.monotonic() + 1.0):
                 log.warning(f"could not remove {q.dir}: it holds {sorted(q.procs())[:10]}")
         for tree in tr:
             tree.close()
+
+
+def confined_results(
+    tr: Sequence[Tree],
+    q: Quarantine,
+    done: Confined,
+    track: dict[ProcKey, Track],
+    t0: float,
+    grace: float,
+) -> list[KillResult]:
+    """Each tree's KillResult of a kill confined in the one quarantine `q`."""
+    note = f"contained in {q.label}"
+    if done.cut:
+        note += f"; grace cut short: over {FORK_STORM} forked into quarantine after SIGTERM"
+    out = []
+    for i, t in enumerate(tr):
+        r = kill_result(t, track, t0, grace, dry_run=False, froze=q.label,
+                        in_grace=done.in_grace, errors=done.errors if i == 0 else ())  # fmt: skip
+        out.append(replace(r, contained=note, joined=done.joined.get(i, 0)))
+    return out
 
 
 def kill_result(

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from pruned.jobs.slurmpath import job_ids_in
-from pruned.linux.pidfd import open_verified, send_signal
+from pruned.linux.pidfd import open_verified_stat, pidfd_info, send_signal
 from pruned.linux.procfs import StatFields, read_cgroup_lines, read_real_uid, read_stats
 from pruned.model import ProcKey
 
@@ -40,6 +40,8 @@ class Tree:
         self.failed: list[tuple[ProcKey, str]] = []
         self.leaders: dict[int, int] = {}  # pid -> starttime of every key ever in the tree
         self.seen: set[ProcKey] = set()
+        self.stats: dict[ProcKey, StatFields] = {}  # each member's stat as verified
+        self.cgroupids: dict[ProcKey, int] = {}  # v2 cgroup ids, where the pidfd told them
         self._root_jobs: set[str] | None = None  # job ids of the root's cgroups, read once
 
     def add(self, key: ProcKey, late: bool = False) -> int | None:
@@ -49,17 +51,28 @@ class Tree:
         self.seen.add(key)
         self.leaders.setdefault(key.pid, key.starttime)
         try:
-            fd = open_verified(key, self.proc_root)
+            got = open_verified_stat(key, self.proc_root)
         except OSError as e:
             self.failed.append((key, f"pidfd_open: {os.strerror(e.errno or 0)}"))
             return None
-        if fd is None:
+        if got is None:
             self.gone.append(key)
             return None
-        if self.uid is not None and read_real_uid(key.pid, self.proc_root) != self.uid:
+        fd, st = got
+        # From the pidfd where the kernel offers it: the process it pins, for a fraction of
+        # the cost of /proc/PID/status (a kill of a thousand read it a thousand times).
+        try:
+            info = pidfd_info(fd) if self.proc_root == "/proc" else None
+        except ProcessLookupError:
             os.close(fd)
-            self.skipped.append(key)
+            self.gone.append(key)
             return None
+        if self.uid is not None:
+            ruid = read_real_uid(key.pid, self.proc_root) if info is None else info.ruid
+            if ruid != self.uid:
+                os.close(fd)
+                self.skipped.append(key)
+                return None
         if late and self._in_other_job(key.pid):
             # Found by the re-walk, never classified: a process inside a job cgroup the root
             # is not in belongs to that job (pruned never judged it a stray). Leave it.
@@ -67,6 +80,9 @@ class Tree:
             self.skipped.append(key)
             return None
         self.fds[key] = fd
+        self.stats[key] = st
+        if info is not None and info.cgroupid is not None:
+            self.cgroupids[key] = info.cgroupid
         if late:
             self.late.append(key)
         return fd
@@ -84,6 +100,8 @@ class Tree:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.stats.clear()
+        self.cgroupids.clear()
 
 
 def candidates(

@@ -75,6 +75,35 @@ def subdirs(path: str, prefix: str) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def v2_mount(cgroup_root: str = "/sys/fs/cgroup") -> str | None:
+    """Where the v2 (unified) hierarchy is mounted: the root itself, or `unified` on a
+    hybrid node; None on a v1-only node."""
+    for v2 in (cgroup_root, f"{cgroup_root}/unified"):
+        if os.path.exists(f"{v2}/cgroup.controllers"):
+            return v2
+    return None
+
+
+class ProcsWriter:
+    """One open cgroup.procs for many moves: one write(2) per pid, no open/close each."""
+
+    def __init__(self, cgroup_dir: str) -> None:
+        self.fd = os.open(f"{cgroup_dir}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+
+    def move(self, pid: int) -> bool:
+        """Move pid (its whole thread group) in; False if it is gone. Other errors raise."""
+        try:
+            os.write(self.fd, str(pid).encode())
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.EINVAL, errno.ENOENT):
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 # ---------------------------------------------------------------- quarantine
 
 
@@ -139,10 +168,13 @@ class Quarantine:
             time.sleep(0.005)
         return False
 
-    def kill_all(self) -> None:
-        """v2 only: cgroup.kill (5.14+) also kills children still in the middle of fork."""
+    def kill_all(self) -> bool:
+        """v2 only: cgroup.kill (5.14+) also kills children still in the middle of fork.
+        False when there is no cgroup.kill (v1, or an older kernel): nothing was sent."""
         if not self.v1 and os.path.exists(f"{self.dir}/cgroup.kill"):
             write_text(f"{self.dir}/cgroup.kill", "1")
+            return True
+        return False
 
     def remove(self, deadline: float) -> bool:
         """rmdir the quarantine, retrying while it still holds exiting tasks, until `deadline`."""

@@ -37,8 +37,8 @@ pytestmark = pytest.mark.root
 
 
 def stat_of(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat", "rb") as f:  # any process's comm: not always UTF-8
+        return f.read().decode(errors="replace").rsplit(")", 1)[1].split()
 
 
 def key_of(pid: int) -> ProcKey:
@@ -55,6 +55,18 @@ def maybe_key(pid: int) -> ProcKey | None:
 def argv0(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline") as f:
         return f.read().split("\0")[0]
+
+
+def pid_named(pids: list[int], name: str, timeout: float = 30.0) -> int:
+    """The pid among `pids` whose argv[0] is `name`, once the fork has exec'ed it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for x in pids:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if argv0(x) == name:
+                    return x
+        assert time.monotonic() < deadline, f"no {name} among {pids}"
+        time.sleep(0.02)
 
 
 def session_members(sid: int) -> list[int]:
@@ -121,7 +133,7 @@ def test_kill_tree_whole_tree_including_double_forked_grandchild(tree_of, user_a
 def test_kill_tree_sigterm_ignored_dies_by_sigkill(tree_of, user_a: User) -> None:
     """A TERM-ignoring process gets SIGKILL after the grace; a normal one exits within it."""
     p, pids = tree_of("(trap '' TERM; exec -a ignterm sleep 600) & exec -a plain sleep 600", 2)
-    ign = next(x for x in pids if argv0(x) == "ignterm")
+    ign = pid_named(pids, "ignterm")
     plain = key_of(p.pid)
     t0 = time.monotonic()
     r = kill_tree(plain, [key_of(ign)], grace=0.6, dry_run=False, uid=user_a.uid)
@@ -459,7 +471,7 @@ def test_rewalk_leaves_a_member_of_a_job_cgroup_alone(tree_of, user_a: User) -> 
     """A process the re-walk finds (never classified) that sits in a Slurm job's cgroup the
     root is not in belongs to that job: it is not killed with the stray."""
     p, pids = tree_of("sleep 600 & exec -a rewalk_root sleep 600 & wait", 3)
-    child = next(x for x in pids if x != p.pid and argv0(x) == "sleep")
+    child = pid_named([x for x in pids if x != p.pid], "sleep")
     job_dir = Path(
         f"/sys/fs/cgroup/freezer/slurm_prt{secrets.token_hex(3)}/uid_{user_a.uid}"
         f"/job_{secrets.randbelow(10**6) + 10**6}/step_0"
@@ -539,6 +551,9 @@ def test_a_stray_in_a_job_cgroup_is_never_moved(tree_of, user_a: User) -> None:
         pytest.skip("no v1 freezer hierarchy")
     os.makedirs(step)
     p, _pids = tree_of("exec -a injob sleep 600", 1)
+    deadline = time.monotonic() + 30  # setpriv exec'ed it: the key is the user's process
+    while argv0(p.pid) != "injob" and time.monotonic() < deadline:
+        time.sleep(0.02)
     try:
         with open(f"{step}/cgroup.procs", "w") as f:
             f.write(str(p.pid))

@@ -18,6 +18,8 @@
 #   PRUNED_VM_REBUILD  1: rebuild the images even if cached
 #   PRUNED_VM_VERBOSE  1: stream each guest's scenario output while it runs
 #   PRUNED_VM_KEEP     1: keep the run's temp dir (overlays, payload) for debugging
+#   PRUNED_VM_BENCH    1: after the scenarios, run bench/bench_kill.py in each guest
+#                      (results/bench_kill.txt)
 #   PRUNED_VM_DEBUG    1: a root shell on the guest's ttyS2, a unix socket on the host
 #                      (python3 tests/vm/shell.py SOCKET, or socat); implies PRUNED_VM_KEEP=1
 set -euo pipefail
@@ -209,6 +211,12 @@ make_payload() {
     find "$p" -name __pycache__ -prune -exec rm -rf {} +
     echo "$release" >"$p/release"
     [[ ${PRUNED_VM_DEBUG:-} == 1 ]] && touch "$p/debug"
+    if [[ ${PRUNED_VM_BENCH:-} == 1 ]]; then  # the checkout's benches, run after the scenarios
+        mkdir -p "$p/bench/tests"
+        cp -r "$REPO/pruned" "$REPO/bench" "$p/bench/"
+        cp -r "$REPO/tests/__init__.py" "$REPO/tests/fixtures" "$p/bench/tests/"
+        find "$p/bench" -name __pycache__ -prune -exec rm -rf {} +
+    fi
     truncate -s 256M "$run/payload.img"
     mkfs.ext4 -q -F -L payload -d "$p" "$run/payload.img"
 }

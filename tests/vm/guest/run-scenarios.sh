@@ -96,3 +96,13 @@ tail -n 1 "$R/pytest.txt" | sed -e 's/^=* *//' -e 's/ *=*$//' -e 's/ (\([0-9:]*\
     >"$R/summary.txt"
 echo "$rc" >"$R/rc"
 echo "run-scenarios: pytest exit $rc"
+
+# ---- opt-in benches (PRUNED_VM_BENCH=1 on the host: the checkout's bench/ and pruned/) -----
+# After the scenarios, so they cannot disturb them; the scenarios' result stands either way.
+if [[ -d $P/bench/bench ]]; then
+    echo "run-scenarios: bench_kill"
+    systemctl stop pruned.service  # the node's own pruned must not judge the bench's strays
+    (cd "$P/bench" && timeout 600 python3 bench/bench_kill.py --repeat 5) \
+        >"$R/bench_kill.txt" 2>&1
+    echo "run-scenarios: bench_kill exit $? ($(tail -n 1 "$R/bench_kill.txt"))"
+fi
