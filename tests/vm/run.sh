@@ -14,7 +14,7 @@
 #   PRUNED_VM_CACHE    image cache (default /var/cache/pruned-vm): <release>-<key>/ per image,
 #                      last-run/<release>/ with the logs of the last run of each image
 #   PRUNED_VM_MIRROR   Debian mirror URL (default: the one this host's apt uses)
-#   PRUNED_VM_TIMEOUT  seconds one VM may run before it is killed and fails (default 900)
+#   PRUNED_VM_TIMEOUT  seconds one VM may run before it is killed and fails (default 1500)
 #   PRUNED_VM_REBUILD  1: rebuild the images even if cached
 #   PRUNED_VM_VERBOSE  1: stream each guest's scenario output while it runs
 #   PRUNED_VM_KEEP     1: keep the run's temp dir (overlays, payload) for debugging
@@ -27,7 +27,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${PRUNED_VM_CACHE:-/var/cache/pruned-vm}
-TIMEOUT=${PRUNED_VM_TIMEOUT:-900}
+TIMEOUT=${PRUNED_VM_TIMEOUT:-1500}
 ALL_RELEASES=(bookworm trixie forky)
 
 # Host packages the lane needs, by the command that shows each is there.

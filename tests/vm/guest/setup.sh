@@ -24,11 +24,12 @@ threads=$(field ThreadsPerCore)
 
 install -d -o slurm -g slurm -m 755 /var/lib/slurm /var/lib/slurm/slurmd /var/lib/slurm/slurmctld
 install -d -m 755 /etc/slurm
-# PrologFlags=Contain (pam_slurm_adopt needs the extern step). Not RunInJob, although
-# slurm.conf(5) of 24.11 and 26.05 lists it: with it the epilog runs inside the job's extern
-# slurmstepd, and a job whose slurmstepds died (scene.py's dave) then never completes --
-# slurmctld resends TERMINATE_JOB every 60 s, the job stays COMPLETING and the node takes no
-# further job (seen on trixie, tests/vm/README.md).
+# PrologFlags=Contain (pam_slurm_adopt needs the extern step). scenarios/test_runinjob.py
+# switches to Contain,RunInJob (24.11+) for its own phase, once no job with dead slurmstepds is
+# left: with RunInJob the epilog runs inside the job's extern slurmstepd, and a job whose
+# slurmstepds were killed (scene.py's dave) then never completes -- slurmctld resends
+# TERMINATE_JOB every 60 s, the job stays COMPLETING and the node takes no further job (seen on
+# trixie, tests/vm/README.md).
 prolog_flags=Contain
 # Epilog= as README "Slurm Prolog/Epilog" sets it up: a glob over a directory with pruned-epilog
 # beside the site's own scripts. The two witnesses around it record, for
@@ -39,9 +40,11 @@ ln -sfn /usr/sbin/pruned-epilog /etc/slurm/epilog.d/10-pruned
 for w in 05-vm-witness 95-vm-witness; do
     cat >/etc/slurm/epilog.d/$w <<'EOF'
 #!/bin/sh
-# VM lane witness: that it ran, when, and how many of test_epilog's escaped daemons lived.
+# VM lane witness: that it ran, when, in which cgroup, and how many of test_epilog's escaped
+# daemons lived.
 n=$(pgrep -c -f '^vm_epi_daemon' 2>/dev/null)
-echo "$(basename "$0") job=$SLURM_JOB_ID daemons=${n:-0} t=$(date +%s.%N)" >>/run/pruned-vm-epilog.log
+cg=$(sed -n 's/^0:://p' /proc/self/cgroup)
+echo "$(basename "$0") job=$SLURM_JOB_ID daemons=${n:-0} t=$(date +%s.%N) cg=$cg" >>/run/pruned-vm-epilog.log
 exit 0
 EOF
     chmod 755 /etc/slurm/epilog.d/$w

@@ -22,12 +22,31 @@ PHASES = {
     "test_cleanup": 4,
     "test_pam_systemd": 5,
     "test_watchdog": 6,
+    "test_job_container": 7,  # Slurm reconfigured: job_container/tmpfs, then set back
+    "test_runinjob": 8,  # Slurm reconfigured: PrologFlags=Contain,RunInJob, then set back
     "test_upgrade": 9,  # upgrade, remove, purge: nothing of pruned is left to test after it
 }
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: PHASES.get(item.module.__name__, 1))  # stable within a phase
+
+
+_config: list[pytest.Config] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _config.append(config)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failure's traceback right away, not only in the summary at the end: the output
+    streams to the host, and a VM its watchdog kills (tests/vm/run.sh) never reaches the end."""
+    if report.failed and _config:
+        tr = _config[0].pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"\n--- {report.nodeid} ({report.when}) failed:\n"
+                          f"{report.longreprtext[-6000:]}\n---")
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +69,18 @@ HERE = Path(__file__).parent
 POLICY_D = Path("/etc/pruned/policy.d")
 ENFORCE = POLICY_D / "60-vm-enforce.yaml"
 DROPIN = Path("/etc/systemd/system/pruned.service.d/50-vm-watchdog.conf")
-# A watchdog test must not wait the shipped WatchdogSec=180 (three minutes per image): the
-# mechanism is the same at 10 s (pruned then sweeps every 5 s, half of it), and RestartSec
-# only delays the restart that test_watchdog waits for.
-DROPIN_TEXT = "[Service]\nWatchdogSec=10s\nRestartSec=2s\n"
+# The watchdog must not wait the shipped WatchdogSec=180 (three minutes per image). pruned pings
+# after each completed sweep, so the limit must outlast a sweep that kills (grace 2 s, freeze,
+# TCG on a loaded host: 10 s was missed there, and the kill's records with it): 60 s for the
+# enforcing phases, 10 s only while test_watchdog waits for it to fire (watchdog_dropin).
+# RestartSec only delays the restart that test_watchdog waits for.
+def watchdog_dropin(seconds: int) -> None:
+    """pruned.service restarted under WatchdogSec=seconds (RestartSec=2s)."""
+    DROPIN.parent.mkdir(parents=True, exist_ok=True)
+    DROPIN.write_text(f"[Service]\nWatchdogSec={seconds}s\nRestartSec=2s\n")
+    sh("systemctl", "daemon-reload")
+    sh("systemctl", "reset-failed", "pruned.service", check=False)
+    sh("systemctl", "restart", "pruned.service", timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +107,8 @@ def main_pid() -> int:
 @pytest.fixture(scope="session")
 def enforcing(enforce_policy: Path) -> Daemon:
     """pruned.service (re)started with the enforce policy and the watchdog drop-in."""
-    DROPIN.parent.mkdir(parents=True, exist_ok=True)
-    DROPIN.write_text(DROPIN_TEXT)
-    sh("systemctl", "daemon-reload")
-    sh("systemctl", "reset-failed", "pruned.service", check=False)
     cursor = journal_cursor()
-    sh("systemctl", "restart", "pruned.service", timeout=300)
+    watchdog_dropin(60)
     started = wait_for("the enforcing daemon's daemon_started", lambda: journal_after(
         cursor, SYSLOG_IDENTIFIER="pruned", PRUNED_EVENT="daemon_started"), timeout=120)
     assert "mode enforce" in started[-1]["MESSAGE"], started[-1]["MESSAGE"]

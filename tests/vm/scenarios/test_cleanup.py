@@ -4,8 +4,8 @@ the loose files by the daemon (under its unit) once the owner has no job and no 
 cleanup.min_age (2 s in policy-enforce.yaml) has passed -- each with a files_removed record.
 A user who still has a running job keeps hers.
 
-job_container/tmpfs is not configured on these nodes (its leftovers after a crashed step are
-covered by the host suite's cluster tests), so cleanup.job_container_base is null here."""
+job_container/tmpfs is configured only for test_job_container's phase (its leftovers after
+a crashed step), so cleanup.job_container_base is null here."""
 
 from __future__ import annotations
 

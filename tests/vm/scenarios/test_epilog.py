@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from vmlib import (
     LONG,
-    NODE,
     Proc,
     alive,
     by_argv0,
     job_state,
     journal_after,
     journal_cursor,
+    node_state,
     sbatch,
     sh,
     wait_for,
@@ -51,10 +51,6 @@ def user_manager(uid: str) -> None:
     """grace's systemd --user running (linger; started again after an epilog killed it)."""
     sh("loginctl", "enable-linger", USER)
     sh("systemctl", "start", f"user@{uid}.service", timeout=120)
-
-
-def node_state() -> str:
-    return sh("scontrol", "show", "node", NODE).stdout.split("State=", 1)[1].split()[0]
 
 
 def witnesses(job: str) -> list[str]:

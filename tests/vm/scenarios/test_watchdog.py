@@ -1,15 +1,17 @@
 """systemd's watchdog restarts a hung daemon. pruned sends WATCHDOG=1 only at the end of a
 completed process sweep; a daemon whose sweeps stop -- here SIGSTOPped, so nothing of it
 runs -- misses the watchdog, systemd aborts it (WatchdogSignal, SIGABRT) and Restart=on-failure
-starts it again, which then sweeps again. (WatchdogSec=10s by conftest's drop-in, not the
-shipped 180 s.)"""
+starts it again, which then sweeps again. (WatchdogSec=10s by conftest's drop-in for this test
+only, then 60 s again; the shipped unit has 180 s.)"""
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
-from conftest import Daemon, main_pid
+import pytest
+from conftest import Daemon, main_pid, watchdog_dropin
 from vmlib import journal_after, journal_cursor, read_proc, sh, wait_for
 
 
@@ -18,7 +20,14 @@ def show(*props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def test_a_hung_daemon_is_restarted_and_sweeps_again(enforcing: Daemon) -> None:
+@pytest.fixture
+def short_watchdog(enforcing: Daemon) -> Iterator[None]:
+    watchdog_dropin(10)
+    yield
+    watchdog_dropin(60)
+
+
+def test_a_hung_daemon_is_restarted_and_sweeps_again(short_watchdog: None) -> None:
     before = show("NRestarts", "MainPID", "WatchdogUSec")
     assert before["WatchdogUSec"] in ("10s", "10000000"), before
     pid = main_pid()

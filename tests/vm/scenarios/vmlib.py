@@ -235,3 +235,44 @@ def journal_cursor() -> str:
     if not entries:
         raise AssertionError("the journal is empty")
     return entries[-1]["__CURSOR"]
+
+
+def slurm_version() -> tuple[int, int]:
+    """(major, minor) of this node's Slurm, from `sinfo -V` ("slurm 24.11.5")."""
+    word = sh("sinfo", "-V").stdout.split()[-1]
+    major, minor = word.split(".")[:2]
+    return int(major), int(minor)
+
+
+def slurmd_start_time() -> str:
+    """slurmd's start time as slurmctld knows it (changes when slurmd registers anew)."""
+    out = sh("scontrol", "show", "node", NODE, check=False).stdout
+    return out.split("SlurmdStartTime=", 1)[-1].split()[0] if "SlurmdStartTime=" in out else ""
+
+
+def node_state() -> str:
+    return sh("scontrol", "show", "node", NODE).stdout.split("State=", 1)[1].split()[0]
+
+
+def set_slurm_conf(**values: str | None) -> None:
+    """Set (or, with None, remove) keys of /etc/slurm/slurm.conf and restart slurmctld and
+    slurmd: plugins and PrologFlags take effect only on restart (slurm.conf(5)). Returns once
+    slurmd registered again (a new SlurmdStartTime) and the node takes jobs."""
+    conf = Path("/etc/slurm/slurm.conf")
+    lines = [ln for ln in conf.read_text().splitlines()
+             if ln.split("=", 1)[0] not in values]
+    # Node and partition lines stay last, as slurm.conf(5)'s examples order them.
+    head = [ln for ln in lines if not ln.startswith(("NodeName=", "PartitionName="))]
+    tail = [ln for ln in lines if ln.startswith(("NodeName=", "PartitionName="))]
+    head += [f"{k}={v}" for k, v in values.items() if v is not None]
+    conf.write_text("\n".join(head + tail) + "\n")
+    before = slurmd_start_time()
+    sh("systemctl", "restart", "slurmctld.service", timeout=180)
+    sh("systemctl", "restart", "slurmd.service", timeout=180)
+
+    def ready() -> bool:
+        state = node_state()
+        return (slurmd_start_time() not in ("", before)
+                and state.split("+")[0] in ("IDLE", "MIXED", "ALLOCATED")
+                and not any(w in state for w in ("DRAIN", "DOWN", "NOT_RESPONDING")))
+    wait_for("slurmd registered again and the node up", ready, timeout=180, interval=1)
