@@ -103,6 +103,11 @@ class JobHistory:
         # restart the grace starts again, which only delays an end.
         self._idle: dict[str, float] = {}
         self._seen_jobs: object = None  # the view.jobs observe() last walked
+        # job id -> the SLUID its 26.05 cgroup is named by, learnt while its stepd ran (only
+        # the stepd's argv says the number): once the stepds are gone the view shows the
+        # job under its SLUID, and it is the same job, idle, not a job that ended. Kept until
+        # the record is forgotten, so a lingering cgroup is no new job either.
+        self._sluid: dict[str, str] = {}
         self.problems: list[str] = []  # what load() found wrong (a corrupt file, a bad record)
         # Housekeeping (pruned.jobs.retention): when it last pruned, and how many were left.
         self.pruned_at: float | None = None
@@ -216,6 +221,7 @@ class JobHistory:
             self._pending[key] = None
         self._open.discard(key)
         self._idle.pop(key, None)
+        self._sluid.pop(key, None)
         self._ended = None
 
     def observe(self, view: JobView, now: float, idle_grace: float = IDLE_GRACE) -> list[JobRecord]:
@@ -237,6 +243,9 @@ class JobHistory:
         # records below can change. Holding the mapping keeps its identity from being reused.
         same = view.jobs is self._seen_jobs
         self._seen_jobs = view.jobs
+        for sluid, number in view.aliases.items():
+            self._sluid[number] = sluid
+        known_sluids = set(self._sluid.values())
         # A job first seen idle in its cgroup (its slurmstepds died before any look at it: a
         # crash right after its start, or while pruned was down) is recorded too; it ends
         # after the same idle_grace, or its directories would never be cleaned. Only when
@@ -245,7 +254,8 @@ class JobHistory:
         seen = {} if same else {
             j.job_id: j for j in view.jobs.values()
             if j.uid is not None and (j.running or (
-                j.source != "statedir" and j.job_id not in self._records))
+                j.source != "statedir" and j.job_id not in self._records
+                and j.job_id not in known_sluids))
         }  # fmt: skip
         for job_id, job in seen.items():
             rec = self._records.get(job_id)
@@ -270,6 +280,8 @@ class JobHistory:
         for job_id in sorted(self._open):
             rec = self._records[job_id]
             job = view.job(job_id)
+            if job is None and job_id in self._sluid:
+                job = view.job(self._sluid[job_id])  # its stepds gone: named by SLUID again
             if job is not None and job.running:
                 self._idle.pop(job_id, None)
                 continue
@@ -305,6 +317,8 @@ class JobHistory:
         old = [k for k, r in self._records.items() if r.end is not None and r.end < older_than]
         for key in old:
             self._forget(key)
+        for key in [k for k in self._sluid if k not in self._records]:
+            del self._sluid[key]  # aliases of jobs never recorded (their uid never known)
         return len(old)
 
     # ------------------------------------------------------------ queries

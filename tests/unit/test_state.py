@@ -69,6 +69,26 @@ def test_a_job_first_seen_idle_ends_after_the_grace(tmp_path) -> None:
     assert h.get("10") is None
 
 
+def test_a_26_05_job_whose_stepds_died_is_idle_under_its_sluid_not_ended(tmp_path) -> None:
+    """Slurm 26.05 names the job's cgroup by SLUID; the view calls it by its number only while
+    a stepd states it. When the stepds die the view shows the SLUID: that is job 9 idle (it
+    ends after the grace), not job 9 gone -- between steps without PrologFlags=contain its
+    dirs would otherwise go at once -- and not a new job of its own."""
+    sluid = "s0123456789ABC"
+    h = JobHistory(str(tmp_path))
+    running = JobView(jobs={"9": _job("9")}, membership={}, aliases={sluid: "9"})
+    h.observe(running, now=10.0)
+    idle = _view(Job(sluid, 30001, 100.0, "slurm", False))
+    assert h.observe(idle, now=20.0) == []
+    assert h.get("9").end is None and h.get(sluid) is None
+    assert h.observe(running, now=30.0) == []  # the next step's stepd: running again
+    assert h.observe(idle, now=40.0) == []
+    ended = h.observe(idle, now=40.0 + IDLE_GRACE)
+    assert [(r.job_id, r.end) for r in ended] == [("9", 40.0)]
+    assert h.observe(idle, now=50.0 + 2 * IDLE_GRACE) == []  # its cgroup lingers: no new job
+    assert h.get(sluid) is None
+
+
 def test_a_view_with_problems_never_ends_jobs(tmp_path) -> None:
     h = JobHistory(str(tmp_path))
     h.observe(_view(_job("1")), now=1.0)
