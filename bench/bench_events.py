@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +61,11 @@ import bench_daemon as bd  # noqa: E402
 from _users import User, as_user  # noqa: E402
 
 from pruned.linux.connector import EventWatcher, ProcConnector, ProcEvent, probe  # noqa: E402
+from tests.fixtures.pids import pids_cgroup  # noqa: E402
 
 UID_LOW, UID_HIGH = 50000, 54999  # away from the fixtures' 30000-39999 and bench_daemon's
 EX_NOPERM, EX_UNAVAILABLE = 77, 69
 PY = "/usr/bin/python3"
-PIDS_ROOT = "/sys/fs/cgroup/pids"
 UNIT = ROOT / "systemd" / "pruned.service"
 
 # Each second: start n sleepers as fast as posix_spawn goes, then kill and reap the previous
@@ -115,35 +114,6 @@ def unit_nice() -> int | None:
     """The Nice= of the shipped unit: the bench runs the daemon as the unit would."""
     m = re.search(r"^Nice=(-?\d+)\s*$", UNIT.read_text(), re.M)
     return int(m.group(1)) if m else None
-
-
-@contextlib.contextmanager
-def pids_cgroup(limit: int) -> Iterator[str]:
-    """A fresh root-made v1 pids cgroup with pids.max = limit; emptied (forks forbidden,
-    then its members killed by pid) and removed after."""
-    if not os.path.isdir(PIDS_ROOT):
-        raise RuntimeError("no v1 pids controller: the bench will not fork without one")
-    path = f"{PIDS_ROOT}/pruned_bench_{secrets.token_hex(4)}"
-    os.mkdir(path)
-    Path(path, "pids.max").write_text(str(limit))
-    try:
-        yield path
-    finally:
-        Path(path, "pids.max").write_text("0")
-        deadline = time.monotonic() + 60
-        while pids := [int(x) for x in Path(path, "cgroup.procs").read_text().split()]:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{path}: processes will not die: {pids[:10]}")
-            time.sleep(0.05)
-        for _ in range(100):
-            try:
-                os.rmdir(path)
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def jailed(cgroup: str, nproc: int) -> tuple[str, ...]:
@@ -368,8 +338,9 @@ def main() -> int:
         (work / "state" / "jobs").mkdir(parents=True, mode=0o700)
         os.chmod(work / "state", 0o700)
         strayer, burster, stormer = make_user(made), make_user(made), make_user(made)
-        with (pids_cgroup(64) as cg_a, pids_cgroup(2 * args.burst + 256) as cg_b,
-              pids_cgroup(256 * args.storms) as cg_c):
+        with (pids_cgroup(64, "pruned_bench") as cg_a,
+              pids_cgroup(2 * args.burst + 256, "pruned_bench") as cg_b,
+              pids_cgroup(256 * args.storms, "pruned_bench") as cg_c):
             ev = bd.Daemon(work, "events", bd.write_policy(work, "events", events=True,
                                                            sweep="10m"),
                            strayer.uid, more_uids=(burster.uid, stormer.uid), nice=nice)
