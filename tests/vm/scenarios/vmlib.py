@@ -41,15 +41,18 @@ def as_user(user: str, *argv: str) -> tuple[str, ...]:
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 90,
-             interval: float = 0.5) -> T:
-    """Poll fn until it returns something truthy; that value. Under TCG every step is slow,
-    so callers give generous timeouts."""
+             interval: float = 0.5, fail: bool = True) -> T:
+    """Poll fn until it returns something truthy; that value (with fail=False, the last
+    falsy one once the time is up). Under TCG every step is slow, so callers give generous
+    timeouts."""
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
         if value:
             return value
         if time.monotonic() > deadline:
+            if not fail:
+                return value  # type: ignore[return-value]
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
