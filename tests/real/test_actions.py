@@ -27,6 +27,7 @@ from pruned.act.kill import kill_many, kill_tree
 from pruned.linux.pidfd import open_verified
 from pruned.linux.procfs import PF_KTHREAD, read_cgroup_lines
 from pruned.model import ProcKey, Result
+from tests.fixtures.cgdirs import rmdir_cgroups
 from tests.fixtures.paths import REPO
 from tests.fixtures.pids import pids_limit
 from tests.fixtures.users import User, alive, kill_uid_processes, pids_of_uid, run_as
@@ -563,12 +564,4 @@ def test_a_stray_in_a_job_cgroup_is_never_moved(tree_of, user_a: User) -> None:
     finally:
         p.kill()
         p.wait()
-        for d in (step, os.path.dirname(step), os.path.dirname(os.path.dirname(step)), job):
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        rmdir_cgroups(step, os.path.dirname(step), os.path.dirname(os.path.dirname(step)), job)

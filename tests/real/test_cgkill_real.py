@@ -21,6 +21,7 @@ import pytest
 from pruned.act.kill import kill_many, kill_tree
 from pruned.linux.cgroupfs import v2_mount
 from pruned.model import ProcKey
+from tests.fixtures.cgdirs import rmdir_cgroups
 from tests.fixtures.users import User, alive, run_as
 from tests.real.test_actions import RESPAWN, argv0, escapees, key_of, pid_named, wait_count
 
@@ -183,15 +184,7 @@ def test_a_member_that_must_stay_falls_back_after_the_others_moved(
         assert not alive(free.pid) and not alive(injob.pid)
         assert _no_quarantine_left() == []
     finally:
-        for d in (step, os.path.dirname(step), os.path.dirname(os.path.dirname(step)), job):
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        rmdir_cgroups(step, os.path.dirname(step), os.path.dirname(os.path.dirname(step)), job)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -35,6 +35,7 @@ from pruned.model import Action, CleanupPolicy, HeldBy, Policy, Result, SlurmSou
 from pruned.policy.facts import resolve_facts
 from pruned.reactor import Reactor
 from pruned.sweep import SweepReport, make_sources, run_sweep
+from tests.fixtures.cgdirs import rmdir_cgroups
 from tests.fixtures.paths import REPO
 from tests.fixtures.users import (
     User,
@@ -259,15 +260,7 @@ def refusing_job(make_user) -> Iterator[tuple[User, str, SlurmCgroupSource, str]
         for p in procs:
             p.kill()
             p.wait()
-        for d in reversed(made):
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        rmdir_cgroups(*reversed(made))
         shutil.rmtree(bins, ignore_errors=True)
 
 
