@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -196,6 +196,26 @@ def v1(make_user, bins) -> Iterator[V1World]:
         )  # fmt: skip
     finally:
         cg.cleanup()
+
+
+def running_v1_job(cg: Cgroups, bins: dict[str, str], uid: int) -> tuple[
+        str, int, Callable[..., str]]:
+    """A running v1 job of uid in a fresh slurm_prt* tree, as Slurm lays it out: its stepd at
+    the job level in freezer and in cpuset's step_batch, and a slurmd beside it. (job id,
+    the stepd's pid, at(ctrl, tail="") -> the job's cgroup path in ctrl). Skips without the
+    v1 freezer and cpuset."""
+    if not all(os.path.isdir(f"{CG}/{c}") for c in V1_CTRLS):
+        pytest.skip("needs cgroup v1 freezer+cpuset")
+    root = f"slurm_prt{secrets.token_hex(3)}"
+    job = _job_id()
+
+    def at(ctrl: str, tail: str = "") -> str:
+        return f"{CG}/{ctrl}/{root}/uid_{uid}/job_{job}" + (f"/{tail}" if tail else "")
+
+    stepd = cg.start([bins["stepd"], "600"])
+    cg.put(stepd, at("freezer"), at("cpuset", "step_batch"))
+    cg.start([bins["slurmd"], "600"])
+    return job, stepd, at
 
 
 def _source(bins: dict[str, str], **kw) -> SlurmCgroupSource:

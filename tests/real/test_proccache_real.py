@@ -24,7 +24,14 @@ from pruned.model import Policy, ProcClass
 from pruned.policy.facts import resolve_facts
 from pruned.sweep import observe
 from tests.fixtures.users import User, run_as
-from tests.real.test_jobs_cgroup import CG, V1_CTRLS, Cgroups, _source, bins  # noqa: F401
+from tests.real.test_jobs_cgroup import (  # noqa: F401
+    CG,
+    V1_CTRLS,
+    Cgroups,
+    _source,
+    bins,
+    running_v1_job,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -223,21 +230,9 @@ def test_a_reused_pid_is_a_new_process(watched: Watched, procs, user_a, user_b) 
 def test_moves_into_and_out_of_a_job_cgroup_are_seen(watched: Watched, procs, user_a,
                                                       bins) -> None:  # noqa: F811
     """Membership is read from the job cgroups every sweep: no event, no re-read needed."""
-    import secrets
-
-    root = f"slurm_prt{secrets.token_hex(3)}"
-    job = str(7_000_000 + secrets.randbelow(2_000_000))
     cg = Cgroups()
-    if not all(os.path.isdir(f"{CG}/{c}") for c in V1_CTRLS):
-        pytest.skip("needs cgroup v1 freezer+cpuset")
-
-    def at(ctrl: str, tail: str = "") -> str:
-        return f"{CG}/{ctrl}/{root}/uid_{user_a.uid}/job_{job}" + (f"/{tail}" if tail else "")
-
     try:
-        stepd = cg.start([bins["stepd"], "600"])
-        cg.put(stepd, at("freezer"), at("cpuset", "step_batch"))
-        cg.start([bins["slurmd"], "600"])
+        _job, _stepd, at = running_v1_job(cg, bins, user_a.uid)
         stray = cg.start(["sleep", "609"], user_a)
         policy = Policy(batch_daemons=(bins["stepd"],))
         facts = resolve_facts(policy)

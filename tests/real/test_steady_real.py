@@ -10,7 +10,6 @@ No test asserts a time; waits only bound how long the kernel may take.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 
 import pytest
@@ -18,7 +17,14 @@ import pytest
 from pruned.model import Action, HeldBy, JobView, Policy, ProcClass
 from pruned.policy.facts import resolve_facts
 from pruned.sweep import observe
-from tests.real.test_jobs_cgroup import CG, V1_CTRLS, Cgroups, _source, bins  # noqa: F401
+from tests.real.test_jobs_cgroup import (  # noqa: F401
+    CG,
+    V1_CTRLS,
+    Cgroups,
+    _source,
+    bins,
+    running_v1_job,
+)
 from tests.real.test_proccache_real import Watched, wait_until, watched  # noqa: F401
 
 pytestmark = [
@@ -46,19 +52,9 @@ def test_a_job_that_ends_makes_its_unchanged_process_a_stray(
     """A job's process keeps its verdict (the same object) from sweep to sweep; when the
     job's slurmstepd exits, the process had no event, yet the next incremental sweep calls
     it a stray of the ended job."""
-    root = f"slurm_prt{secrets.token_hex(3)}"
-    job = str(7_000_000 + secrets.randbelow(2_000_000))
     cg = Cgroups()
-    if not all(os.path.isdir(f"{CG}/{c}") for c in V1_CTRLS):
-        pytest.skip("needs cgroup v1 freezer+cpuset")
-
-    def at(ctrl: str, tail: str = "") -> str:
-        return f"{CG}/{ctrl}/{root}/uid_{user_a.uid}/job_{job}" + (f"/{tail}" if tail else "")
-
     try:
-        stepd = cg.start([bins["stepd"], "600"])
-        cg.put(stepd, at("freezer"), at("cpuset", "step_batch"))
-        cg.start([bins["slurmd"], "600"])
+        job, stepd, at = running_v1_job(cg, bins, user_a.uid)
         task = cg.start(["sleep", "611"], user_a)
         cg.put(task, at("freezer", "step_batch"), at("cpuset", "step_batch"))
         policy = Policy(batch_daemons=(bins["stepd"],))
