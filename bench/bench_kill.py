@@ -41,6 +41,7 @@ from pruned.act.kill import kill_many, kill_tree
 from pruned.linux.cgroupfs import quarantine_method, v2_mount
 from pruned.linux.pidfd import raise_nofile
 from pruned.model import ProcKey
+from tests.fixtures.cgdirs import own_v2_cgroup
 from tests.fixtures.users import User, UserFactory, run_as
 
 Trees = list[tuple[ProcKey, list[ProcKey]]]
@@ -72,7 +73,7 @@ def spawn(
     script = f"for i in $(seq {per_tree - 1}); do sleep 600 & done; wait"
     home = None
     if scope is not None:
-        home = _own_v2_cgroup()
+        home = own_v2_cgroup()
         _move_self(scope)
     try:
         procs = [run_as(user, ["bash", "-c", script]) for _ in range(trees)]
@@ -108,14 +109,6 @@ def wait_all_gone(pids: Sequence[int], timeout: float = 30.0) -> None:
         left = [p for p in left if not _gone(p)]
         if left and time.monotonic() > deadline:
             raise SystemExit(f"bench: {len(left)} processes still alive")
-
-
-def _own_v2_cgroup() -> str:
-    v2 = v2_mount()
-    assert v2 is not None
-    with open("/proc/self/cgroup") as f:
-        path = next(line[3:].strip() for line in f if line.startswith("0::"))
-    return os.path.normpath(f"{v2}/{path}")
 
 
 def m_kill_many(trees: Trees, freeze: bool) -> None:

@@ -21,7 +21,7 @@ import pytest
 from pruned.act.kill import kill_many, kill_tree
 from pruned.linux.cgroupfs import v2_mount
 from pruned.model import ProcKey
-from tests.fixtures.cgdirs import rmdir_cgroups
+from tests.fixtures.cgdirs import own_v2_cgroup, rmdir_cgroups
 from tests.fixtures.users import User, alive, run_as
 from tests.real.test_actions import RESPAWN, argv0, escapees, key_of, pid_named, wait_count
 
@@ -35,14 +35,6 @@ def _offered(method: str) -> bool:
         return os.path.isdir("/sys/fs/cgroup/freezer")
     v2 = v2_mount()
     return v2 is not None and os.path.exists(f"{v2}/cgroup.subtree_control")
-
-
-def _own_v2() -> str:
-    v2 = v2_mount()
-    assert v2 is not None
-    with open("/proc/self/cgroup") as f:
-        path = next(line[3:].strip() for line in f if line.startswith("0::"))
-    return os.path.normpath(f"{v2}/{path}")
 
 
 def _join(cgroup_dir: str) -> None:
@@ -74,7 +66,7 @@ def scoped(user_a: User) -> Iterator:
     started: list[subprocess.Popen] = []
 
     def start(script: str, n: int) -> tuple[subprocess.Popen, list[int]]:
-        home = _own_v2()
+        home = own_v2_cgroup()
         _join(scope)
         try:
             p = run_as(user_a, ["bash", "-c", script], stderr=subprocess.DEVNULL)
