@@ -18,6 +18,9 @@
 #   PRUNED_VM_REBUILD  1: rebuild the images even if cached
 #   PRUNED_VM_VERBOSE  1: stream each guest's scenario output while it runs
 #   PRUNED_VM_KEEP     1: keep the run's temp dir (overlays, payload) for debugging
+#   PRUNED_VM_PYTEST   the scenarios' pytest arguments instead of all of them, e.g.
+#                      "test_job_container.py" or "-k crashed" (a debugging aid: the
+#                      lane's result then covers only those)
 #   PRUNED_VM_BENCH    1: after the scenarios, run bench/bench_kill.py in each guest
 #                      (results/bench_kill.txt)
 #   PRUNED_VM_DEBUG    1: a root shell on the guest's ttyS2, a unix socket on the host
@@ -211,6 +214,7 @@ make_payload() {
     find "$p" -name __pycache__ -prune -exec rm -rf {} +
     echo "$release" >"$p/release"
     [[ ${PRUNED_VM_DEBUG:-} == 1 ]] && touch "$p/debug"
+    [[ -n ${PRUNED_VM_PYTEST:-} ]] && printf '%s\n' "$PRUNED_VM_PYTEST" >"$p/pytest-args"
     if [[ ${PRUNED_VM_BENCH:-} == 1 ]]; then  # the checkout's benches, run after the scenarios
         mkdir -p "$p/bench/tests"
         cp -r "$REPO/pruned" "$REPO/bench" "$p/bench/"

@@ -88,7 +88,9 @@ tail -n 1 "$R/info.txt"
 
 # ---- the scenarios ---------------------------------------------------------------------------
 cd "$P/scenarios" || exit 1
-python3 -m pytest -v -rfE -p no:cacheprovider --junitxml="$R/junit.xml" . 2>&1 |
+args=(.)  # the host's PRUNED_VM_PYTEST, word-split as a shell would: a subset to rerun
+[[ -s $P/pytest-args ]] && read -r -a args <"$P/pytest-args"
+python3 -m pytest -v -rfE -p no:cacheprovider --junitxml="$R/junit.xml" "${args[@]}" 2>&1 |
     tee "$R/pytest.txt"
 rc=${PIPESTATUS[0]}
 # pytest's last line, "==== 12 passed, 1 failed in 95.12s (0:01:35) ====", without the rules.
