@@ -213,6 +213,21 @@ class Daemon:
         finally:
             self.files_lock.release()
 
+    def learn_from(self, view: JobView) -> None:
+        """The history learns from the view a sweep judged by, too, not only from the job
+        refresh: a job whose stepds crashed is judged (and its leftovers killed) on that
+        view, and once they are killed its cgroup names no owner any more. Skipped while a
+        file sweep holds the history: the next refresh or sweep learns the same."""
+        if not self.files_lock.acquire(blocking=False):
+            return
+        try:
+            learn_jobs(self.history, view, time.time(), self.policy)
+            self.history.save()
+        except OSError as e:  # never the reason a sweep fails: the refresh saves it again
+            log.warning(f"state: could not save the job history after a sweep: {e}")
+        finally:
+            self.files_lock.release()
+
     # ------------------------------------------------------------ sweeps
 
     def process_sweep(self) -> SweepReport:
@@ -230,6 +245,7 @@ class Daemon:
             self.write_metrics()
             raise
         self.jobs_cache = report.observation.jobs
+        self.learn_from(report.observation.jobs)
         plan = report.observation.plan
         reactor = self.reactor  # read once: a reload or stop may clear it meanwhile
         if reactor is not None:

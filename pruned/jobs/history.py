@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pruned.linux.atomic import FILE_MODE, ensure_private_dir, remove_stale_tmp, write_atomic
-from pruned.model import JobView
+from pruned.model import Job, JobView
 
 HISTORY_FILE = "history.json"
 JOURNAL_FILE = "history.journal"
@@ -106,8 +106,10 @@ class JobHistory:
         # job id -> the SLUID its 26.05 cgroup is named by, learnt while its stepd ran (only
         # the stepd's argv says the number): once the stepds are gone the view shows the
         # job under its SLUID, and it is the same job, idle, not a job that ended. Kept until
-        # the record is forgotten, so a lingering cgroup is no new job either.
+        # the record is forgotten (or, for a job not recorded yet, while its cgroup is in the
+        # view), so a lingering cgroup is no new job either.
         self._sluid: dict[str, str] = {}
+        self._view_ids: frozenset[str] = frozenset()  # the job ids of the last view observed
         self.problems: list[str] = []  # what load() found wrong (a corrupt file, a bad record)
         # Housekeeping (pruned.jobs.retention): when it last pruned, and how many were left.
         self.pruned_at: float | None = None
@@ -243,20 +245,27 @@ class JobHistory:
         # records below can change. Holding the mapping keeps its identity from being reused.
         same = view.jobs is self._seen_jobs
         self._seen_jobs = view.jobs
+        self._view_ids = frozenset(view.jobs)
         for sluid, number in view.aliases.items():
             self._sluid[number] = sluid
-        known_sluids = set(self._sluid.values())
-        # A job first seen idle in its cgroup (its slurmstepds died before any look at it: a
-        # crash right after its start, or while pruned was down) is recorded too; it ends
-        # after the same idle_grace, or its directories would never be cleaned. Only when
-        # unknown: an ended job's lingering cgroup must not start it over. (A state-dir job
-        # that is not running has ended by the epilog's word, which marks the history itself.)
-        seen = {} if same else {
-            j.job_id: j for j in view.jobs.values()
-            if j.uid is not None and (j.running or (
-                j.source != "statedir" and j.job_id not in self._records
-                and j.job_id not in known_sluids))
-        }  # fmt: skip
+        number_of = {sluid: number for number, sluid in self._sluid.items()}
+        # A job first seen idle in its cgroup (its slurmstepds died before any look at it
+        # with its owner's processes in it: a crash right after its start, or while pruned
+        # was down) is recorded too, by its number when a stepd once named it (26.05: the
+        # cgroup is the SLUID's, the dirs the number's); it ends after the same idle_grace,
+        # or its directories would never be cleaned. Only when unknown: an ended job's
+        # lingering cgroup must not start it over. (A state-dir job that is not running has
+        # ended by the epilog's word, which marks the history itself.)
+        seen: dict[str, Job] = {}
+        for j in () if same else view.jobs.values():
+            if j.uid is None:
+                continue
+            if j.running:
+                seen[j.job_id] = j
+            elif j.source != "statedir":
+                key = number_of.get(j.job_id, j.job_id)
+                if key not in self._records:
+                    seen[key] = j
         for job_id, job in seen.items():
             rec = self._records.get(job_id)
             if rec is None or rec.ended:
@@ -317,8 +326,13 @@ class JobHistory:
         old = [k for k, r in self._records.items() if r.end is not None and r.end < older_than]
         for key in old:
             self._forget(key)
-        for key in [k for k in self._sluid if k not in self._records]:
-            del self._sluid[key]  # aliases of jobs never recorded (their uid never known)
+        # Aliases of jobs never recorded (their uid not known yet) stay while their cgroup
+        # is in the view (by number or SLUID): a stepd seen before the owner's first process
+        # still names the job once the stepds are gone.
+        seen = self._view_ids
+        for key in [k for k, sluid in self._sluid.items()
+                    if k not in self._records and k not in seen and sluid not in seen]:
+            del self._sluid[key]
         return len(old)
 
     # ------------------------------------------------------------ queries

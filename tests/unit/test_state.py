@@ -89,6 +89,34 @@ def test_a_26_05_job_whose_stepds_died_is_idle_under_its_sluid_not_ended(tmp_pat
     assert h.get(sluid) is None
 
 
+def test_a_26_05_job_crashed_before_its_owner_was_seen_is_recorded_by_number(tmp_path) -> None:
+    """Found on the forky VM: the only look at job 4 while its stepd ran came before its
+    owner's first process (uid unknown: nothing recorded), then the stepds died. Its cgroup
+    is the SLUID's, its directories the number's: the alias the stepd stated is kept while
+    that cgroup is in the view (prune included), and the job, first seen idle with its
+    owner's leftover in it, is recorded as job 4, so it ends and its dirs are cleaned."""
+    sluid = "s3T9M8W20JVT00"
+    h = JobHistory(str(tmp_path))
+    early = JobView(jobs={"4": _job("4", uid=None)}, membership={}, aliases={sluid: "4"})
+    h.observe(early, now=10.0)
+    assert h.get("4") is None
+    h.prune(older_than=10.0)  # the refresh's housekeeping: the alias stays
+    crashed = _view(Job(sluid, 30001, 100.0, "slurm", False))
+    assert h.observe(crashed, now=20.0) == []
+    assert h.get("4") == JobRecord("4", 30001, 100.0, None, None, "slurm")
+    assert h.get(sluid) is None
+    # The leftover killed: an empty cgroup names no owner; job 4 ends after the grace.
+    empty = _view(Job(sluid, None, 100.0, "slurm", False))
+    ended = h.observe(empty, now=20.0 + IDLE_GRACE)
+    assert [(r.job_id, r.end) for r in ended] == [("4", 20.0)]
+    # An alias whose cgroup left the view and that names no record is let go.
+    other = JobView(jobs={"5": _job("5", uid=None)}, membership={}, aliases={"s5": "5"})
+    h.observe(other, now=30.0)
+    h.observe(_view(), now=31.0)
+    h.prune(older_than=0.0)
+    assert "5" not in h._sluid
+
+
 def test_a_view_with_problems_never_ends_jobs(tmp_path) -> None:
     h = JobHistory(str(tmp_path))
     h.observe(_view(_job("1")), now=1.0)
