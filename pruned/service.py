@@ -204,27 +204,19 @@ class Daemon:
         The history is the file sweep's too: while a file sweep holds it (for long when its
         walk is stuck on a hung filesystem) this refresh only updates the job view and
         learns next time; run_clean learns the same ends itself when it starts."""
-        view = self.jobs(True)
-        if not self.files_lock.acquire(timeout=LOCK_WAIT):
-            return
-        try:
-            learn_jobs(self.history, view, time.time(), self.policy, prune=True)
-            self.history.save()
-        finally:
-            self.files_lock.release()
+        self.learn_from(self.jobs(True), wait=LOCK_WAIT, prune=True)
 
-    def learn_from(self, view: JobView) -> None:
-        """The history learns from the view a sweep judged by, too, not only from the job
-        refresh: a job whose stepds crashed is judged (and its leftovers killed) on that
-        view, and once they are killed its cgroup names no owner any more. Skipped while a
-        file sweep holds the history: the next refresh or sweep learns the same."""
-        if not self.files_lock.acquire(blocking=False):
+    def learn_from(self, view: JobView, *, wait: float = 0.0, prune: bool = False) -> None:
+        """The history learns from `view` and is saved, if the file sweep lets go of it
+        within `wait` seconds (else the next refresh or sweep learns the same). Called with
+        the job refresh's view and with the view each process sweep judged by: a job whose
+        stepds crashed is judged (and its leftovers killed) on that view, and once they are
+        killed its cgroup names no owner any more."""
+        if not self.files_lock.acquire(timeout=wait):
             return
         try:
-            learn_jobs(self.history, view, time.time(), self.policy)
+            learn_jobs(self.history, view, time.time(), self.policy, prune=prune)
             self.history.save()
-        except OSError as e:  # never the reason a sweep fails: the refresh saves it again
-            log.warning(f"state: could not save the job history after a sweep: {e}")
         finally:
             self.files_lock.release()
 
@@ -245,7 +237,10 @@ class Daemon:
             self.write_metrics()
             raise
         self.jobs_cache = report.observation.jobs
-        self.learn_from(report.observation.jobs)
+        try:
+            self.learn_from(report.observation.jobs)
+        except OSError as e:  # never the reason a sweep fails: the refresh saves it again
+            log.warning(f"state: could not save the job history after a sweep: {e}")
         plan = report.observation.plan
         reactor = self.reactor  # read once: a reload or stop may clear it meanwhile
         if reactor is not None:

@@ -109,7 +109,6 @@ class JobHistory:
         # the record is forgotten (or, for a job not recorded yet, while its cgroup is in the
         # view), so a lingering cgroup is no new job either.
         self._sluid: dict[str, str] = {}
-        self._view_ids: frozenset[str] = frozenset()  # the job ids of the last view observed
         self.problems: list[str] = []  # what load() found wrong (a corrupt file, a bad record)
         # Housekeeping (pruned.jobs.retention): when it last pruned, and how many were left.
         self.pruned_at: float | None = None
@@ -245,7 +244,6 @@ class JobHistory:
         # records below can change. Holding the mapping keeps its identity from being reused.
         same = view.jobs is self._seen_jobs
         self._seen_jobs = view.jobs
-        self._view_ids = frozenset(view.jobs)
         for sluid, number in view.aliases.items():
             self._sluid[number] = sluid
         number_of = {sluid: number for number, sluid in self._sluid.items()}
@@ -329,7 +327,7 @@ class JobHistory:
         # Aliases of jobs never recorded (their uid not known yet) stay while their cgroup
         # is in the view (by number or SLUID): a stepd seen before the owner's first process
         # still names the job once the stepds are gone.
-        seen = self._view_ids
+        seen = self._seen_jobs if isinstance(self._seen_jobs, Mapping) else {}
         for key in [k for k, sluid in self._sluid.items()
                     if k not in self._records and k not in seen and sluid not in seen]:
             del self._sluid[key]
